@@ -1,0 +1,43 @@
+"""shardkl: exact KL divergence, entropy and token log-probs of vocabulary-sharded logits.
+
+Each rank passes its contiguous slice of the vocabulary; per-shard statistics are merged with one
+all-gather of a few floats per token, so no rank materialises the full-vocabulary softmax.
+"""
+
+from __future__ import annotations
+
+from shardkl.distributed import CollectiveCounter, count_collectives
+from shardkl.estimators import k1, k2, k3
+from shardkl.functional import (
+    ESTIMATORS,
+    Estimator,
+    KLStats,
+    entropy,
+    exact_kl,
+    kl_stats,
+    sampled_kl,
+    token_logprobs,
+)
+from shardkl.reduction import REDUCTIONS, Reduction, reduce_tokens
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ESTIMATORS",
+    "REDUCTIONS",
+    "CollectiveCounter",
+    "Estimator",
+    "KLStats",
+    "Reduction",
+    "__version__",
+    "count_collectives",
+    "entropy",
+    "exact_kl",
+    "k1",
+    "k2",
+    "k3",
+    "kl_stats",
+    "reduce_tokens",
+    "sampled_kl",
+    "token_logprobs",
+]

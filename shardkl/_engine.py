@@ -1,0 +1,272 @@
+"""The sharded engine: one autograd Function that turns local logits shards into per-token results.
+
+Forward, on each rank: stream over the local ``[rows, V_local]`` logits in chunks (never a full-size fp32
+copy), fold the chunk stats of ``shardkl._stats`` into per-token local stats, read the sampled tokens' logits,
+then issue **one** all-gather of ``[stats, token logits, metadata]`` and merge the ranks in rank order.
+Backward recomputes P and Q chunk by chunk from the saved per-token log-sum-exps: no collective and nothing
+of size ``[N, V]`` is kept between the two passes (only references to the caller's own logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from shardkl import _stats
+from shardkl.distributed import (
+    ProcessGroup,
+    all_gather_flat,
+    rank_and_size,
+    remember_vocab_sizes,
+    vocab_start_hint,
+)
+
+# Elements per chunk: the fp32 temporaries of one chunk are ~1 MiB each, so the extra memory of a call
+# is O(tokens) plus a few MiB, whatever the vocabulary.
+CHUNK_ELEMENTS = 1 << 18
+# Widest vocabulary chunk; wider rows are split and merged with the stats monoid.
+MAX_VOCAB_CHUNK = 1 << 15
+
+# per-rank metadata floats that ride in the all-gather
+_META_VOCAB, _META_START, _META_TOKEN_MIN, _META_TOKEN_MAX = range(4)
+_NUM_META = 4
+
+
+def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float64 if any input is float64, else float32 (half inputs are computed in fp32)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _row_blocks(a: Tensor, b: Tensor | None, row0: int = 0) -> Iterator[tuple[int, Tensor, Tensor | None]]:
+    """Split ``[..., V]`` tensors into 2-D ``[rows, V]`` views, without copying, with their first row."""
+    vocab = a.shape[-1]
+    try:
+        a2 = a.view(-1, vocab)
+        b2 = None if b is None else b.view(-1, vocab)
+    except RuntimeError:
+        # not viewable as 2-D (e.g. logits[:, :-1]): recurse over the first dimension
+        step = a[0].numel() // max(vocab, 1) if a.shape[0] else 0
+        for i in range(a.shape[0]):
+            yield from _row_blocks(a[i], None if b is None else b[i], row0 + i * step)
+        return
+    yield row0, a2, b2
+
+
+def _chunks(rows: int, vocab: int) -> Iterator[tuple[slice, list[slice]]]:
+    vocab_chunk = max(1, min(vocab, MAX_VOCAB_CHUNK, CHUNK_ELEMENTS))
+    rows_chunk = max(1, CHUNK_ELEMENTS // vocab_chunk)
+    col_slices = [slice(c, min(c + vocab_chunk, vocab)) for c in range(0, vocab, vocab_chunk)]
+    for r in range(0, rows, rows_chunk):
+        yield slice(r, min(r + rows_chunk, rows)), col_slices
+
+
+def _scaled(x: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
+    x = x.to(dtype)
+    return x if temperature == 1.0 else x / temperature
+
+
+def local_stats(a: Tensor, b: Tensor | None, temperature: float, dtype: torch.dtype) -> Tensor:
+    """Per-token stats of this rank's vocabulary slice, ``[num_stats, rows]``."""
+    vocab = a.shape[-1]
+    rows = a.numel() // vocab if vocab else int(torch.tensor(a.shape[:-1]).prod())
+    out = torch.empty(_stats.num_stats(b is not None), rows, dtype=dtype, device=a.device)
+    if vocab == 0:
+        # an empty shard is the identity of the merge: no mass, zero entropy and KL
+        out.zero_()
+        out[_stats.LA] = float("-inf")
+        if b is not None:
+            out[_stats.LB] = float("-inf")
+        return out
+    for row0, a2, b2 in _row_blocks(a, b):
+        for rs, col_slices in _chunks(a2.shape[0], vocab):
+            leaves = [
+                _stats.leaf_stats(
+                    _scaled(a2[rs, cs], dtype, temperature),
+                    None if b2 is None else _scaled(b2[rs, cs], dtype, temperature),
+                )
+                for cs in col_slices
+            ]
+            merged = leaves[0] if len(leaves) == 1 else _stats.merge_stats(torch.stack(leaves))
+            out[:, row0 + rs.start : row0 + rs.stop] = merged
+    return out
+
+
+def _token_logits(x: Tensor, local_tokens: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
+    """Scaled logit at each token id this rank holds; ``-inf`` where another rank holds it."""
+    vocab = x.shape[-1]
+    held = (local_tokens >= 0) & (local_tokens < vocab)
+    out = torch.full(local_tokens.shape, float("-inf"), dtype=dtype, device=x.device)
+    if vocab == 0 or not bool(held.any()):
+        return out
+    rows = torch.nonzero(held).squeeze(-1)
+    cols = local_tokens[rows]
+    try:
+        values = x.view(-1, vocab)[rows, cols]
+    except RuntimeError:
+        # rows not viewable as one 2-D tensor (e.g. logits[:, :-1]): index through the original layout
+        values = x[torch.unravel_index(rows, x.shape[:-1]) + (cols,)]
+    out[rows] = _scaled(values, dtype, temperature)
+    return out
+
+
+def _token_rows(a: Tensor, b: Tensor | None, tokens: Tensor, start: int, dtype: torch.dtype, t: float) -> Tensor:
+    local = tokens - start
+    rows = [_token_logits(a, local, dtype, t)]
+    if b is not None:
+        rows.append(_token_logits(b, local, dtype, t))
+    return torch.stack(rows)
+
+
+class ShardedStatsFunction(torch.autograd.Function):
+    """Per-token ``(kl, entropy, logp, logq)`` of sharded logits; ``kl``/``logq`` are zeros without ``b``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        a: Tensor,
+        b: Tensor | None,
+        tokens: Tensor | None,
+        group: ProcessGroup | None,
+        temperature: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        dtype = compute_dtype(a, b)
+        lead_shape = a.shape[:-1]
+        vocab = a.shape[-1]
+        stats = local_stats(a, b, temperature, dtype)
+        num_stats, rows = stats.shape
+        flat_tokens = None if tokens is None else tokens.reshape(-1)
+
+        start = vocab_start_hint(group, vocab) if flat_tokens is not None else 0
+        pieces = [stats.reshape(-1)]
+        if flat_tokens is not None:
+            pieces.append(_token_rows(a, b, flat_tokens, start, dtype, temperature).reshape(-1))
+        has_tokens = flat_tokens is not None and flat_tokens.numel() > 0
+        meta = torch.tensor(
+            [
+                vocab,
+                start,
+                int(flat_tokens.min()) if has_tokens else 0,  # type: ignore[union-attr]
+                int(flat_tokens.max()) if has_tokens else 0,  # type: ignore[union-attr]
+            ],
+            dtype=dtype,
+            device=a.device,
+        )
+        pieces.append(meta)
+        gathered = all_gather_flat(torch.cat(pieces), group)
+        world = gathered.shape[0]
+        all_stats = gathered[:, : num_stats * rows].reshape(world, num_stats, rows)
+        all_meta = gathered[:, -_NUM_META:]
+        sizes = tuple(int(v) for v in all_meta[:, _META_VOCAB].tolist())
+        starts = [sum(sizes[:r]) for r in range(world)]
+        remember_vocab_sizes(group, sizes)
+        total_vocab = sum(sizes)
+
+        logp = logq = None
+        if flat_tokens is not None:
+            num_token_rows = 1 if b is None else 2
+            token_part = gathered[:, num_stats * rows : num_stats * rows + num_token_rows * rows]
+            lo = int(all_meta[:, _META_TOKEN_MIN].min()) if has_tokens else 0
+            hi = int(all_meta[:, _META_TOKEN_MAX].max()) if has_tokens else 0
+            # every rank sees the same gathered metadata, so all of them raise (or none does)
+            if has_tokens and (lo < 0 or hi >= total_vocab):
+                raise ValueError(
+                    f"tokens must be ids in [0, {total_vocab}) (the global vocabulary size, summed over "
+                    f"the group's shards), got min {lo} and max {hi}"
+                )
+            if [int(s) for s in all_meta[:, _META_START].tolist()] != starts:
+                # The guessed vocabulary offsets were wrong (first call with an uneven split): every rank sees
+                # the same sizes, so all of them repeat the token part with the true offsets.
+                rank, _ = rank_and_size(group)
+                start = starts[rank]
+                redo = _token_rows(a, b, flat_tokens, start, dtype, temperature).reshape(-1)
+                token_part = all_gather_flat(redo, group)
+            token_logits = token_part.reshape(world, num_token_rows, rows).amax(dim=0)
+        else:
+            token_logits = None
+
+        merged = _stats.merge_stats(all_stats)
+        lse_a, ent = merged[_stats.LA], merged[_stats.ENT]
+        lse_b = kl = None
+        zeros = torch.zeros(rows, dtype=dtype, device=a.device)
+        if b is not None:
+            lse_b, kl = merged[_stats.LB], merged[_stats.KL]
+        if token_logits is not None:
+            logp = token_logits[0] - lse_a
+            if b is not None and lse_b is not None:
+                logq = token_logits[1] - lse_b
+
+        ctx.save_for_backward(
+            a, b, flat_tokens, lse_a, lse_b, kl, ent  # type: ignore[arg-type]
+        )
+        ctx.temperature = temperature
+        ctx.start = start
+        ctx.dtype = dtype
+        ctx.set_materialize_grads(False)
+        outputs = (
+            zeros if kl is None else kl,
+            ent,
+            zeros if logp is None else logp,
+            zeros if logq is None else logq,
+        )
+        return tuple(o.reshape(lead_shape) for o in outputs)  # type: ignore[return-value]
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_kl: Tensor | None, grad_ent: Tensor | None, grad_logp: Tensor | None, grad_logq: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        a, b, tokens, lse_a, lse_b, kl, ent = ctx.saved_tensors
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if b is None:
+            grad_kl = grad_logq = None
+        if tokens is None:
+            grad_logp = grad_logq = None
+        if not need_b:
+            grad_logq = None
+        flat = [None if g is None else g.reshape(-1).to(ctx.dtype) for g in (grad_kl, grad_ent, grad_logp, grad_logq)]
+        grad_kl, grad_ent, grad_logp, grad_logq = flat
+        # every element is written below; the gradient of b needs P, so it is computed even without a's
+        grad_a = torch.empty(a.shape, dtype=a.dtype, device=a.device) if need_a else None
+        grad_b = None if b is None or not need_b else torch.empty(b.shape, dtype=b.dtype, device=b.device)
+        vocab = a.shape[-1]
+        if vocab == 0 or all(g is None for g in flat):
+            for grad in (grad_a, grad_b):
+                if grad is not None:
+                    grad.zero_()
+            return (grad_a, grad_b, None, None, None)
+        ga2 = None if grad_a is None else grad_a.view(-1, vocab)
+        gb2 = None if grad_b is None else grad_b.view(-1, vocab)
+        local_tokens = None if tokens is None else tokens - ctx.start
+        scale = 1.0 / ctx.temperature
+        for row0, a2, b2 in _row_blocks(a, b):
+            for rs, col_slices in _chunks(a2.shape[0], vocab):
+                g = slice(row0 + rs.start, row0 + rs.stop)
+
+                def pick(x: Tensor | None, g: slice = g) -> Tensor | None:
+                    return None if x is None else x[g]
+
+                for cs in col_slices:
+                    cols = None
+                    if local_tokens is not None:
+                        lt = local_tokens[g] - cs.start
+                        cols = torch.where((lt >= 0) & (lt < cs.stop - cs.start), lt, torch.full_like(lt, -1))
+                    da, db = _stats.chunk_grads(
+                        _scaled(a2[rs, cs], ctx.dtype, ctx.temperature),
+                        None if b2 is None else _scaled(b2[rs, cs], ctx.dtype, ctx.temperature),
+                        lse_a=lse_a[g],
+                        lse_b=pick(lse_b),
+                        kl=pick(kl),
+                        ent=ent[g],
+                        grad_kl=pick(grad_kl),
+                        grad_ent=pick(grad_ent),
+                        grad_logp=pick(grad_logp),
+                        grad_logq=pick(grad_logq),
+                        token_cols=cols,
+                    )
+                    if ga2 is not None:
+                        ga2[g, cs] = da.mul_(scale) if scale != 1.0 else da
+                    if db is not None and gb2 is not None:
+                        gb2[g, cs] = db.mul_(scale) if scale != 1.0 else db
+        return (grad_a, grad_b, None, None, None)

@@ -1,0 +1,157 @@
+"""Distributed plumbing: every collective shardkl issues lives in this file.
+
+The engine needs one collective per forward call: an all-gather of a few floats per token per rank (the
+stats of ``shardkl._stats``) plus a few metadata floats per rank (local vocabulary size, the vocabulary
+offset the rank assumed, token-id range). Each rank then merges the gathered stats in rank order, so every
+rank computes bit-identical results.
+
+``CollectiveCounter`` counts the collectives (and bytes) issued through ``torch.distributed`` while it is
+active; tests and the benchmark use it to show one collective per forward and none per backward.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+ProcessGroup = Any  # torch.distributed.ProcessGroup; typed loosely so the module imports without a backend
+
+
+def rank_and_size(group: ProcessGroup | None) -> tuple[int, int]:
+    """``(rank, world_size)`` of this process in ``group``; ``(0, 1)`` for ``group=None``."""
+    if group is None:
+        return 0, 1
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(
+            "group was given but torch.distributed is not initialized; call "
+            "torch.distributed.init_process_group first, or pass group=None for full-vocabulary tensors"
+        )
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def all_gather_flat(local: Tensor, group: ProcessGroup | None) -> Tensor:
+    """All-gather a 1-D tensor of the same length from every rank; returns ``[world_size, length]``."""
+    rank, world = rank_and_size(group)
+    if world == 1:
+        return local.unsqueeze(0)
+    out = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    # The one collective of a forward call: per-token stats and per-rank metadata of every shard.
+    gather(out, local.contiguous(), group=group)
+    return out.view(world, local.numel())
+
+
+# Vocabulary offsets learned from earlier calls, keyed by group. Only a hint: every call re-checks the
+# offsets against the gathered local sizes and repeats the token part with the right ones on a miss.
+_SIZES_BY_GROUP: dict[int, tuple[int, ...]] = {}
+_SIZES_LOCK = threading.Lock()
+
+
+def vocab_start_hint(group: ProcessGroup | None, local_size: int) -> int:
+    """The first global vocabulary id this rank is assumed to hold.
+
+    Uses the split seen on an earlier call with the same group, else assumes equal shards
+    (``rank * local_size``, the Megatron layout). The guess is verified after the all-gather.
+    """
+    rank, world = rank_and_size(group)
+    if world == 1:
+        return 0
+    with _SIZES_LOCK:
+        sizes = _SIZES_BY_GROUP.get(id(group))
+    if sizes is not None and len(sizes) == world and sizes[rank] == local_size:
+        return sum(sizes[:rank])
+    return rank * local_size
+
+
+def remember_vocab_sizes(group: ProcessGroup | None, sizes: tuple[int, ...]) -> None:
+    """Record the per-rank vocabulary sizes seen in a gather, for the next call's offset hint."""
+    if group is not None:
+        with _SIZES_LOCK:
+            _SIZES_BY_GROUP[id(group)] = sizes
+
+
+_COUNTED = (
+    "all_gather_single",
+    "all_gather_into_tensor",
+    "all_gather",
+    "all_reduce",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "all_to_all_single",
+    "reduce",
+    "gather",
+    "scatter",
+    "barrier",
+)
+
+
+@dataclass
+class CollectiveCounter:
+    """Counts calls of ``torch.distributed`` collectives and the bytes each rank sends through them."""
+
+    calls: dict[str, int] = field(default_factory=dict)
+    bytes_sent: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.bytes_sent = 0
+
+
+def _tensor_bytes(args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> int:
+    tensors = [x for x in (*args, *kwargs.values()) if isinstance(x, Tensor)]
+    if not tensors:
+        return 0
+    # the input is the last positional tensor for gathers (output first), the first otherwise
+    t = tensors[-1] if name.startswith("all_gather") else tensors[0]
+    return t.numel() * t.element_size()
+
+
+@contextmanager
+def count_collectives() -> Iterator[CollectiveCounter]:
+    """Context manager that counts ``torch.distributed`` collectives issued inside it (this process only).
+
+    Example:
+        >>> with count_collectives() as c:
+        ...     shardkl.exact_kl(p, q, group=g)
+        >>> c.total, c.bytes_sent
+    """
+    counter = CollectiveCounter()
+    originals: dict[str, Any] = {}
+    depth = threading.local()
+
+    def wrap(name: str, fn: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            # one user-level call counts once, even where torch implements it through another collective
+            outer = getattr(depth, "value", 0) == 0
+            if outer:
+                counter.calls[name] = counter.calls.get(name, 0) + 1
+                counter.bytes_sent += _tensor_bytes(args, kwargs, name)
+            depth.value = getattr(depth, "value", 0) + 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth.value -= 1
+
+        return counted
+
+    for name in _COUNTED:
+        fn = getattr(dist, name, None)
+        if fn is not None:
+            originals[name] = fn
+            setattr(dist, name, wrap(name, fn))
+    try:
+        yield counter
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)

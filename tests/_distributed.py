@@ -1,0 +1,54 @@
+"""Spawn gloo process groups on CPU for tests: free loopback port, TCPStore, one process per rank."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable[..., None], world: int, *args: Any) -> None:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; an exception on any rank fails the caller.
+
+    ``fn`` must be a module-level function (it is pickled by reference into the spawned processes).
+    """
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+def split_sizes(vocab: int, world: int, pattern: str = "uneven") -> list[int]:
+    """Per-rank vocabulary sizes: ``"even"`` (balanced) or ``"uneven"`` (unequal, with an empty shard for
+    world sizes >= 3)."""
+    if pattern == "even" or world == 1:
+        return [vocab // world + (r < vocab % world) for r in range(world)]
+    weights = {2: [3, 2], 3: [0, 1, 1], 4: [2, 0, 3, 3]}[world]
+    sizes = [vocab * w // sum(weights) for w in weights]
+    sizes[-1] += vocab - sum(sizes)
+    return sizes
+
+
+def local_slice(x: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
+    start = sum(sizes[:rank])
+    return x[..., start : start + sizes[rank]]
