@@ -6,7 +6,7 @@ all-gather of a few floats per token, so no rank materialises the full-vocabular
 
 from __future__ import annotations
 
-from shardkl.distributed import CollectiveCounter, count_collectives
+from shardkl.distributed import CollectiveCounter, CollectiveError, count_collectives, set_collective_timeout
 from shardkl.estimators import k1, k2, k3
 from shardkl.functional import (
     ESTIMATORS,
@@ -26,6 +26,7 @@ __all__ = [
     "ESTIMATORS",
     "REDUCTIONS",
     "CollectiveCounter",
+    "CollectiveError",
     "Estimator",
     "KLStats",
     "Reduction",
@@ -39,5 +40,6 @@ __all__ = [
     "kl_stats",
     "reduce_tokens",
     "sampled_kl",
+    "set_collective_timeout",
     "token_logprobs",
 ]

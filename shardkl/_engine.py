@@ -10,12 +10,13 @@ of size ``[N, V]`` is kept between the two passes (only references to the caller
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from shardkl import _stats
+from shardkl import _stats, _validation
 from shardkl.distributed import (
     ProcessGroup,
     all_gather_flat,
@@ -29,11 +30,6 @@ from shardkl.distributed import (
 CHUNK_ELEMENTS = 1 << 18
 # Widest vocabulary chunk; wider rows are split and merged with the stats monoid.
 MAX_VOCAB_CHUNK = 1 << 15
-
-# per-rank metadata floats that ride in the all-gather
-_META_VOCAB, _META_START, _META_TOKEN_MIN, _META_TOKEN_MAX = range(4)
-_NUM_META = 4
-
 
 def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     """float64 if any input is float64, else float32 (half inputs are computed in fp32)."""
@@ -112,6 +108,20 @@ def _token_logits(x: Tensor, local_tokens: Tensor, dtype: torch.dtype, temperatu
     return out
 
 
+def _log_prob(token_logit: Tensor, lse: Tensor) -> Tensor:
+    """``logit - lse``; ``-inf`` for a row with no mass at all (``-inf - -inf`` would be NaN)."""
+    return torch.where(torch.isinf(lse) & (lse < 0), torch.full_like(lse, float("-inf")), token_logit - lse)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Options of one call that every rank must agree on (checked in the gather)."""
+
+    validate: bool = True
+    nan_policy: str = "raise"
+    vocab_size: int | None = None
+
+
 def _token_rows(a: Tensor, b: Tensor | None, tokens: Tensor, start: int, dtype: torch.dtype, t: float) -> Tensor:
     local = tokens - start
     rows = [_token_logits(a, local, dtype, t)]
@@ -131,6 +141,7 @@ class ShardedStatsFunction(torch.autograd.Function):
         tokens: Tensor | None,
         group: ProcessGroup | None,
         temperature: float,
+        options: EngineOptions,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         dtype = compute_dtype(a, b)
         lead_shape = a.shape[:-1]
@@ -138,73 +149,61 @@ class ShardedStatsFunction(torch.autograd.Function):
         stats = local_stats(a, b, temperature, dtype)
         num_stats, rows = stats.shape
         flat_tokens = None if tokens is None else tokens.reshape(-1)
+        num_token_rows = 0 if flat_tokens is None else (1 if b is None else 2)
 
         start = vocab_start_hint(group, vocab) if flat_tokens is not None else 0
-        pieces = [stats.reshape(-1)]
-        if flat_tokens is not None:
-            pieces.append(_token_rows(a, b, flat_tokens, start, dtype, temperature).reshape(-1))
-        has_tokens = flat_tokens is not None and flat_tokens.numel() > 0
-        meta = torch.tensor(
-            [
-                vocab,
-                start,
-                int(flat_tokens.min()) if has_tokens else 0,  # type: ignore[union-attr]
-                int(flat_tokens.max()) if has_tokens else 0,  # type: ignore[union-attr]
-            ],
-            dtype=dtype,
-            device=a.device,
+        info = _validation.CallInfo(
+            vocab=vocab,
+            start=start,
+            rows=rows,
+            lead_shape=lead_shape,
+            p_dtype=a.dtype,
+            q_dtype=None if b is None else b.dtype,
+            temperature=temperature,
+            declared_vocab=options.vocab_size,
+            nan_policy=options.nan_policy,
         )
-        pieces.append(meta)
-        gathered = all_gather_flat(torch.cat(pieces), group)
+        # float64 on the wire: exact for fp32 stats and for every id and size in the metadata
+        pieces = [stats.to(torch.float64).reshape(-1)]
+        if flat_tokens is not None:
+            pieces.append(_token_rows(a, b, flat_tokens, start, dtype, temperature).to(torch.float64).reshape(-1))
+        pieces.append(_validation.local_meta(info, stats, None if b is None else _stats.LB, flat_tokens))
+        gathered = all_gather_flat(torch.cat(pieces), group, what="per-token statistics")
         world = gathered.shape[0]
-        all_stats = gathered[:, : num_stats * rows].reshape(world, num_stats, rows)
-        all_meta = gathered[:, -_NUM_META:]
-        sizes = tuple(int(v) for v in all_meta[:, _META_VOCAB].tolist())
+        meta = gathered[:, -_validation.NUM_META :].tolist()
+        # every rank checks the same gathered numbers, so all of them raise (or none does)
+        _validation.check_gathered(meta, validate=options.validate, shape=lead_shape)
+        sizes = tuple(int(row[_validation.VOCAB]) for row in meta)
         starts = [sum(sizes[:r]) for r in range(world)]
         remember_vocab_sizes(group, sizes)
-        total_vocab = sum(sizes)
 
-        logp = logq = None
+        # the merge runs in float64: it is O(tokens x ranks) and removes the rounding of the merge itself
+        merged = _stats.merge_stats(gathered[:, : num_stats * rows].reshape(world, num_stats, rows)).to(dtype)
+        lse_a, ent = merged[_stats.LA], merged[_stats.ENT]
+        lse_b = kl = logp = logq = None
+        if b is not None:
+            lse_b, kl = merged[_stats.LB], merged[_stats.KL]
         if flat_tokens is not None:
-            num_token_rows = 1 if b is None else 2
-            token_part = gathered[:, num_stats * rows : num_stats * rows + num_token_rows * rows]
-            lo = int(all_meta[:, _META_TOKEN_MIN].min()) if has_tokens else 0
-            hi = int(all_meta[:, _META_TOKEN_MAX].max()) if has_tokens else 0
-            # every rank sees the same gathered metadata, so all of them raise (or none does)
-            if has_tokens and (lo < 0 or hi >= total_vocab):
-                raise ValueError(
-                    f"tokens must be ids in [0, {total_vocab}) (the global vocabulary size, summed over "
-                    f"the group's shards), got min {lo} and max {hi}"
-                )
-            if [int(s) for s in all_meta[:, _META_START].tolist()] != starts:
+            token_part = gathered[:, num_stats * rows : (num_stats + num_token_rows) * rows]
+            if [int(row[_validation.START]) for row in meta] != starts:
                 # The guessed vocabulary offsets were wrong (first call with an uneven split): every rank sees
                 # the same sizes, so all of them repeat the token part with the true offsets.
                 rank, _ = rank_and_size(group)
                 start = starts[rank]
-                redo = _token_rows(a, b, flat_tokens, start, dtype, temperature).reshape(-1)
-                token_part = all_gather_flat(redo, group)
-            token_logits = token_part.reshape(world, num_token_rows, rows).amax(dim=0)
-        else:
-            token_logits = None
-
-        merged = _stats.merge_stats(all_stats)
-        lse_a, ent = merged[_stats.LA], merged[_stats.ENT]
-        lse_b = kl = None
-        zeros = torch.zeros(rows, dtype=dtype, device=a.device)
-        if b is not None:
-            lse_b, kl = merged[_stats.LB], merged[_stats.KL]
-        if token_logits is not None:
-            logp = token_logits[0] - lse_a
+                redo = _token_rows(a, b, flat_tokens, start, dtype, temperature).to(torch.float64).reshape(-1)
+                token_part = all_gather_flat(redo, group, what="sampled-token logits")
+            # exactly one rank holds each token; the others sent -inf
+            token_logits = token_part.reshape(world, num_token_rows, rows).amax(dim=0).to(dtype)
+            logp = _log_prob(token_logits[0], lse_a)
             if b is not None and lse_b is not None:
-                logq = token_logits[1] - lse_b
+                logq = _log_prob(token_logits[1], lse_b)
 
-        ctx.save_for_backward(
-            a, b, flat_tokens, lse_a, lse_b, kl, ent  # type: ignore[arg-type]
-        )
+        ctx.save_for_backward(a, b, flat_tokens, lse_a, lse_b, kl, ent)
         ctx.temperature = temperature
         ctx.start = start
         ctx.dtype = dtype
         ctx.set_materialize_grads(False)
+        zeros = torch.zeros(rows, dtype=dtype, device=a.device)
         outputs = (
             zeros if kl is None else kl,
             ent,
@@ -235,7 +234,7 @@ class ShardedStatsFunction(torch.autograd.Function):
             for grad in (grad_a, grad_b):
                 if grad is not None:
                     grad.zero_()
-            return (grad_a, grad_b, None, None, None)
+            return (grad_a, grad_b, None, None, None, None)
         ga2 = None if grad_a is None else grad_a.view(-1, vocab)
         gb2 = None if grad_b is None else grad_b.view(-1, vocab)
         local_tokens = None if tokens is None else tokens - ctx.start
@@ -269,4 +268,4 @@ class ShardedStatsFunction(torch.autograd.Function):
                         ga2[g, cs] = da.mul_(scale) if scale != 1.0 else da
                     if db is not None and gb2 is not None:
                         gb2[g, cs] = db.mul_(scale) if scale != 1.0 else db
-        return (grad_a, grad_b, None, None, None)
+        return (grad_a, grad_b, None, None, None, None)

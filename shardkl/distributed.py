@@ -11,10 +11,13 @@ active; tests and the benchmark use it to show one collective per forward and no
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -36,15 +39,57 @@ def rank_and_size(group: ProcessGroup | None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def all_gather_flat(local: Tensor, group: ProcessGroup | None) -> Tensor:
-    """All-gather a 1-D tensor of the same length from every rank; returns ``[world_size, length]``."""
+class CollectiveError(RuntimeError):
+    """A collective of shardkl failed or did not complete within the timeout."""
+
+
+_timeout_s = float(os.environ.get("SHARDKL_TIMEOUT_S", "120"))
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """Set how long a shardkl collective may wait for the other ranks (default 120 s, or ``SHARDKL_TIMEOUT_S``).
+
+    Past it the waiting ranks raise :class:`CollectiveError` instead of hanging.
+    """
+    global _timeout_s
+    if not seconds > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {seconds}")
+    _timeout_s = float(seconds)
+
+
+def collective_timeout() -> float:
+    """The current collective timeout in seconds."""
+    return _timeout_s
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def all_gather_flat(local: Tensor, group: ProcessGroup | None, *, what: str = "tensor") -> Tensor:
+    """All-gather a 1-D tensor of the same length from every rank; returns ``[world_size, length]``.
+
+    Raises:
+        CollectiveError: the collective failed (a peer died) or did not finish within
+            :func:`collective_timeout`; the message names this rank and the operation.
+    """
     rank, world = rank_and_size(group)
     if world == 1:
         return local.unsqueeze(0)
     out = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    # The one collective of a forward call: per-token stats and per-rank metadata of every shard.
-    gather(out, local.contiguous(), group=group)
+    started = time.monotonic()
+    try:
+        # The one collective of a forward call: per-token stats and per-rank metadata of every shard.
+        work = gather(out, local.contiguous(), group=group, async_op=True)
+        work.wait(timeout=timedelta(seconds=_timeout_s))
+    except Exception as exc:  # backends raise RuntimeError subclasses (DistBackendError, DistNetworkError, ...)
+        raise CollectiveError(
+            f"shardkl: all-gather of {what} failed on rank {rank} of {world} after "
+            f"{time.monotonic() - started:.1f} s (timeout {_timeout_s:g} s): {_first_line(exc)}. Another rank of "
+            "the group died, stopped calling shardkl, or passed a different number of tokens"
+        ) from exc
     return out.view(world, local.numel())
 
 

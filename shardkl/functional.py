@@ -15,12 +15,14 @@ import torch
 from torch import Tensor
 
 from shardkl import estimators
-from shardkl._engine import ShardedStatsFunction
+from shardkl._engine import EngineOptions, ShardedStatsFunction
 from shardkl.distributed import ProcessGroup
 from shardkl.reduction import Reduction, check_mask, check_reduction, reduce_tokens
 
 Estimator = Literal["k1", "k2", "k3"]
 ESTIMATORS: tuple[str, ...] = get_args(Estimator)
+NanPolicy = Literal["raise", "propagate"]
+NAN_POLICIES: tuple[str, ...] = get_args(NanPolicy)
 
 
 class KLStats(NamedTuple):
@@ -86,6 +88,17 @@ def _check_inputs(
     return p, q, t
 
 
+def _options(vocab_size: object, validate: object, nan_policy: object) -> EngineOptions:
+    """Check the options every rank must agree on, before any collective."""
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 0):
+        raise ValueError(f"vocab_size must be a non-negative int or None, got {vocab_size!r}")
+    if not isinstance(validate, bool):
+        raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+    return EngineOptions(validate=validate, nan_policy=str(nan_policy), vocab_size=vocab_size)
+
+
 def kl_stats(
     p_logits: Tensor,
     q_logits: Tensor,
@@ -93,6 +106,9 @@ def kl_stats(
     *,
     group: ProcessGroup | None = None,
     temperature: float = 1.0,
+    vocab_size: int | None = None,
+    validate: bool = True,
+    nan_policy: NanPolicy = "raise",
 ) -> KLStats:
     """All per-token results of two sharded policies from one collective.
 
@@ -102,6 +118,11 @@ def kl_stats(
         tokens: global token ids sampled from P, shaped like the logits without the last dimension, or ``None``.
         group: process group the vocabulary is split over; ``None`` for full-vocabulary tensors.
         temperature: P = softmax(p_logits / T), Q = softmax(q_logits / T).
+        vocab_size: the global vocabulary size, if known; checked against the sum of the local sizes.
+        validate: check that the ranks' calls fit together (shapes, dtypes, temperature, vocab_size), folded into
+            the one collective. Token ids are always checked against the vocabulary.
+        nan_policy: ``"raise"``: a NaN or ``+inf`` logit raises ``ValueError`` on every rank; ``"propagate"``:
+            the tokens concerned get NaN results.
 
     Returns:
         :class:`KLStats`, float32 (float64 for float64 input), differentiable with respect to both logits.
@@ -109,10 +130,11 @@ def kl_stats(
     Shape:
         logits ``[..., V_local]`` → every field ``[...]``.
     """
-    p, q, t = _check_inputs(p_logits, q_logits, tokens, temperature)
-    if q is None:
+    if q_logits is None:
         raise TypeError("q_logits must be a torch.Tensor, got None")
-    kl, ent, logp, logq = ShardedStatsFunction.apply(p, q, t, group, float(temperature))
+    p, q, t = _check_inputs(p_logits, q_logits, tokens, temperature)
+    options = _options(vocab_size, validate, nan_policy)
+    kl, ent, logp, logq = ShardedStatsFunction.apply(p, q, t, group, float(temperature), options)
     if t is None:
         return KLStats(kl, ent, None, None, None, None, None)
     return KLStats(
@@ -128,6 +150,9 @@ def exact_kl(
     mask: Tensor | None = None,
     reduction: Reduction = "none",
     temperature: float = 1.0,
+    vocab_size: int | None = None,
+    validate: bool = True,
+    nan_policy: NanPolicy = "raise",
 ) -> Tensor:
     """Exact KL(P‖Q) per token over the full, sharded vocabulary.
 
@@ -138,6 +163,7 @@ def exact_kl(
         mask: bool or 0/1 tensor shaped like the result; 1 = the token counts.
         reduction: see :func:`shardkl.reduce_tokens`.
         temperature: applied to both logits.
+        vocab_size, validate, nan_policy: as in :func:`kl_stats`.
 
     Returns:
         Per-token KL ``[...]`` (masked tokens are 0) or a scalar; never negative, ``inf`` where P puts mass on a
@@ -146,7 +172,9 @@ def exact_kl(
     check_reduction(reduction)
     p, q, _ = _check_inputs(p_logits, q_logits, None, temperature)
     check_mask(mask, p.shape[:-1])
-    kl = kl_stats(p, q, group=group, temperature=temperature).exact_kl
+    kl = kl_stats(
+        p, q, group=group, temperature=temperature, vocab_size=vocab_size, validate=validate, nan_policy=nan_policy
+    ).exact_kl
     return reduce_tokens(kl, mask, reduction=reduction)
 
 
@@ -160,6 +188,9 @@ def sampled_kl(
     mask: Tensor | None = None,
     reduction: Reduction = "none",
     temperature: float = 1.0,
+    vocab_size: int | None = None,
+    validate: bool = True,
+    nan_policy: NanPolicy = "raise",
 ) -> Tensor:
     """Schulman's estimator of KL(P‖Q) at tokens sampled from P.
 
@@ -168,7 +199,7 @@ def sampled_kl(
         q_logits: this rank's slice of the logits of Q, same shape.
         tokens: global token ids, ``[...]``.
         estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
-        group, mask, reduction, temperature: as in :func:`exact_kl`.
+        group, mask, reduction, temperature, vocab_size, validate, nan_policy: as in :func:`exact_kl`.
 
     Returns:
         Per-token estimates ``[...]`` or a scalar.
@@ -178,14 +209,23 @@ def sampled_kl(
     check_reduction(reduction)
     p, q, t = _check_inputs(p_logits, q_logits, tokens, temperature)
     check_mask(mask, p.shape[:-1])
-    stats = kl_stats(p, q, t, group=group, temperature=temperature)
+    stats = kl_stats(
+        p, q, t, group=group, temperature=temperature, vocab_size=vocab_size, validate=validate, nan_policy=nan_policy
+    )
     values = {"k1": stats.k1, "k2": stats.k2, "k3": stats.k3}[estimator]
     assert values is not None
     return reduce_tokens(values, mask, reduction=reduction)
 
 
 def token_logprobs(
-    logits: Tensor, tokens: Tensor, *, group: ProcessGroup | None = None, temperature: float = 1.0
+    logits: Tensor,
+    tokens: Tensor,
+    *,
+    group: ProcessGroup | None = None,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    validate: bool = True,
+    nan_policy: NanPolicy = "raise",
 ) -> Tensor:
     """``log softmax(logits / T)`` at the global token ids, over the sharded vocabulary.
 
@@ -194,34 +234,48 @@ def token_logprobs(
         tokens: global token ids, ``[...]``.
         group: process group the vocabulary is split over; ``None`` for full-vocabulary tensors.
         temperature: softmax temperature.
+        vocab_size, validate, nan_policy: as in :func:`kl_stats`.
 
     Returns:
         ``[...]`` log-probabilities, differentiable with respect to ``logits``.
     """
     p, _, t = _check_inputs(logits, None, tokens, temperature)
-    _, _, logp, _ = ShardedStatsFunction.apply(p, None, t, group, float(temperature))
+    options = _options(vocab_size, validate, nan_policy)
+    _, _, logp, _ = ShardedStatsFunction.apply(p, None, t, group, float(temperature), options)
     return logp
 
 
-def entropy(logits: Tensor, *, group: ProcessGroup | None = None, temperature: float = 1.0) -> Tensor:
+def entropy(
+    logits: Tensor,
+    *,
+    group: ProcessGroup | None = None,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    validate: bool = True,
+    nan_policy: NanPolicy = "raise",
+) -> Tensor:
     """Entropy of ``softmax(logits / T)`` over the sharded vocabulary.
 
     Args:
         logits: this rank's slice of the logits, ``[..., V_local]``.
         group: process group the vocabulary is split over; ``None`` for full-vocabulary tensors.
         temperature: softmax temperature.
+        vocab_size, validate, nan_policy: as in :func:`kl_stats`.
 
     Returns:
         ``[...]`` entropies in nats, differentiable with respect to ``logits``.
     """
     p, _, _ = _check_inputs(logits, None, None, temperature)
-    _, ent, _, _ = ShardedStatsFunction.apply(p, None, None, group, float(temperature))
+    options = _options(vocab_size, validate, nan_policy)
+    _, ent, _, _ = ShardedStatsFunction.apply(p, None, None, group, float(temperature), options)
     return ent
 
 
 __all__ = [
     "ESTIMATORS",
+    "NAN_POLICIES",
     "Estimator",
+    "NanPolicy",
     "KLStats",
     "entropy",
     "exact_kl",

@@ -48,7 +48,7 @@ def reduce_tokens(values: Tensor, mask: Tensor | None = None, *, reduction: Redu
     """
     check_reduction(reduction)
     check_mask(mask, values.shape)
-    weight = torch.ones_like(values) if mask is None else mask.to(values.dtype)
+    weight = torch.ones_like(values) if mask is None else mask.to(device=values.device, dtype=values.dtype)
     masked = torch.where(weight > 0, values, torch.zeros((), dtype=values.dtype, device=values.device))
     if reduction == "none":
         return masked
