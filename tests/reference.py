@@ -12,8 +12,10 @@ def reference(
     """Per-token exact KL(P‖Q), entropy of P and log-probs at tokens, in float64 on the full vocabulary."""
     logp = F.log_softmax(p_logits.double() / temperature, dim=-1)
     logq = F.log_softmax(q_logits.double() / temperature, dim=-1)
+    # kl_div is p * (log p - log q), which is 0 * -inf = NaN where p = 0; those terms are 0
+    pointwise = F.kl_div(logq, logp, log_target=True, reduction="none")
     out = {
-        "exact_kl": F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1),
+        "exact_kl": torch.where(logp == float("-inf"), 0.0, pointwise).sum(-1),
         "entropy": -(logp.exp() * torch.where(logp.exp() > 0, logp, 0)).sum(-1),
     }
     if tokens is not None:

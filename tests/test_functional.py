@@ -133,6 +133,19 @@ def test_mass_where_q_is_minus_inf_gives_inf() -> None:
     assert torch.isfinite(shardkl.exact_kl(a, b)[2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_q_mass_outside_p_support_counts(dtype, small_chunks) -> None:
+    # columns where P is 0 (-inf logit, or a logit so low that exp underflows in fp32) but Q is not: their Q
+    # mass must still enter the KL (each term's limit is Q_v, not 0)
+    a, b = _logits((4, 120))
+    a[0, :30] = float("-inf")
+    a[1, 10:70] = -200.0
+    a[2, :] = a[2] - 150.0 * (torch.arange(120) % 2)
+    a, b = a.to(dtype), b.to(dtype)
+    ref = reference(a, b)["exact_kl"]
+    torch.testing.assert_close(shardkl.exact_kl(a, b).double(), ref, rtol=1e-5, atol=1e-7)
+
+
 def test_inputs_are_not_modified(small_chunks) -> None:
     a, b = _logits((4, 77))
     a, b = a.float().requires_grad_(), b.float().requires_grad_()

@@ -1,0 +1,151 @@
+"""Bad inputs get clear errors before any collective; numerical edge cases give no NaN and no negative KL."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import shardkl
+from tests.reference import reference
+
+
+def _pair(shape=(3, 40), seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(*shape, generator=g, dtype=torch.float64)
+    b = a + 0.3 * torch.randn(*shape, generator=g, dtype=torch.float64)
+    return a.to(dtype), b.to(dtype)
+
+
+def test_nan_raises_by_default_and_propagates_on_request() -> None:
+    a, b = _pair()
+    b[1, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"q_logits holds NaN in 1 token row\(s\) of rank 0.*index 1.*propagate"):
+        shardkl.exact_kl(a, b)
+    kl = shardkl.exact_kl(a, b, nan_policy="propagate")
+    assert math.isnan(kl[1].item()) and torch.isfinite(kl[[0, 2]]).all()
+    a[2, 0] = float("nan")
+    with pytest.raises(ValueError, match="p_logits holds NaN"):
+        shardkl.entropy(a)
+    with pytest.raises(ValueError, match="p_logits holds NaN"):
+        shardkl.token_logprobs(a, torch.zeros(3, dtype=torch.long))
+
+
+def test_plus_inf_logits_raise_clearly() -> None:
+    a, b = _pair()
+    a[0, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"p_logits holds \+inf.*finite or -inf"):
+        shardkl.exact_kl(a, b)
+    assert math.isnan(shardkl.exact_kl(a, b, nan_policy="propagate")[0].item())
+
+
+def test_row_entirely_minus_inf() -> None:
+    a, b = _pair()
+    tokens = torch.tensor([1, 2, 3])
+    a_empty = a.clone()
+    a_empty[1] = float("-inf")
+    x, y = a_empty.clone().requires_grad_(), b.clone().requires_grad_()
+    stats = shardkl.kl_stats(x, y, tokens)
+    # P has no mass in row 1: nothing contributes, and log P(x) is -inf
+    assert stats.exact_kl[1] == 0 and stats.entropy[1] == 0 and stats.p_logprobs[1] == float("-inf")
+    torch.testing.assert_close(stats.exact_kl[[0, 2]], reference(a, b)["exact_kl"][[0, 2]].float())
+    (stats.exact_kl.sum() + stats.entropy.sum()).backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()
+    # Q has no mass in row 1 while P has: infinite KL, no NaN anywhere
+    b_empty = b.clone()
+    b_empty[1] = float("-inf")
+    stats = shardkl.kl_stats(a, b_empty, tokens)
+    assert stats.exact_kl[1] == float("inf") and stats.q_logprobs[1] == float("-inf")
+    assert not any(torch.isnan(v).any() for v in stats if v is not None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_huge_logits_stay_accurate(dtype) -> None:
+    big = 1e4
+    g = torch.Generator().manual_seed(1)
+    a = (torch.rand(4, 64, generator=g, dtype=torch.float64) * 2 - 1) * big
+    b = a.flip(-1)
+    a[0], b[0] = big, big  # constant rows at the extreme: uniform distributions, KL 0
+    b[1] = -big
+    a, b = a.to(dtype), b.to(dtype)
+    tokens = torch.arange(4)
+    stats = shardkl.kl_stats(a, b, tokens)
+    ref = reference(a, b, tokens)
+    # the rounding of logits of size 1e4 in the compute dtype (fp32 unless the input is fp64)
+    atol = 8 * big * (torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps)
+    for name in ("exact_kl", "entropy", "p_logprobs", "q_logprobs"):
+        got = getattr(stats, name)
+        assert not torch.isnan(got).any(), name
+        torch.testing.assert_close(got.double(), ref[name], rtol=1e-5, atol=atol, msg=name)
+    assert (stats.exact_kl >= 0).all() and stats.exact_kl[0] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dtype_extremes_give_no_nan_and_no_negative_kl(dtype) -> None:
+    info = torch.finfo(dtype)
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(5, 50, generator=g) * 3
+    b = torch.randn(5, 50, generator=g) * 3
+    a[0, :10], b[0, -10:] = info.max, info.max  # P and Q concentrated on disjoint extreme columns
+    a[1], b[1] = info.max, info.min  # uniform P, Q uniform too (all columns at the same extreme)
+    a[2, ::2], b[2] = info.min, info.max
+    a[3, 7], b[3, 7] = info.max, info.max
+    a, b = a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
+    tokens = torch.tensor([0, 1, 1, 7, 4])  # tokens P can sample (P(x) > 0), as for any on-policy estimator
+    stats = shardkl.kl_stats(a, b, tokens)
+    for name, value in stats._asdict().items():
+        assert not torch.isnan(value).any(), name
+    assert (stats.exact_kl >= 0).all()
+    assert stats.exact_kl[1] == 0 and stats.exact_kl[3] == 0
+    assert stats.exact_kl[0] > 1  # P and Q (almost) disjoint
+    torch.testing.assert_close(stats.entropy[1].double(), torch.tensor(math.log(50), dtype=torch.float64))
+    (stats.exact_kl[1:].sum() + stats.entropy.sum() + stats.k3.sum()).backward()
+    assert torch.isfinite(a.grad.float()).all() and torch.isfinite(b.grad.float()).all()
+
+
+def test_same_tensor_expanded_and_strided_inputs_work() -> None:
+    a, b = _pair((5, 30))
+    assert torch.equal(shardkl.exact_kl(a, a), torch.zeros(5))  # both arguments alias one tensor
+    row = a[0]
+    expanded = row.expand(4, 30)  # stride 0: overlapping memory
+    torch.testing.assert_close(shardkl.exact_kl(expanded, b[:4]), reference(expanded, b[:4])["exact_kl"].float())
+    at, bt = a.t().contiguous().t(), b.t().contiguous().t()  # vocabulary dimension with stride != 1
+    assert at.stride(-1) != 1
+    torch.testing.assert_close(shardkl.exact_kl(at, bt), reference(a, b)["exact_kl"].float())
+    x = at.clone().requires_grad_()
+    shardkl.exact_kl(x, bt, reduction="sum").backward()
+    assert x.grad.shape == a.shape and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "text"),
+    [
+        (lambda a: shardkl.exact_kl(a, a.to("meta")), ValueError, "one device"),
+        (lambda a: shardkl.exact_kl(a, a, nan_policy="ignore"), ValueError, "nan_policy must be one of"),
+        (lambda a: shardkl.exact_kl(a, a, validate="yes"), TypeError, "validate must be a bool"),
+        (lambda a: shardkl.exact_kl(a, a, vocab_size=-1), ValueError, "vocab_size must be a non-negative int"),
+        (lambda a: shardkl.exact_kl(a, a, temperature=float("nan")), ValueError, "temperature"),
+        (lambda a: shardkl.exact_kl(a, a, temperature="1"), TypeError, "temperature must be a positive number"),
+        (lambda a: shardkl.exact_kl(a.numpy(), a), TypeError, "p_logits must be a torch.Tensor"),
+        (lambda a: shardkl.exact_kl(a, None), TypeError, "q_logits must be a torch.Tensor"),
+        (lambda a: shardkl.exact_kl(a[0, 0], a[0, 0]), ValueError, "at least 1-D"),
+        (lambda a: shardkl.exact_kl(a, a, vocab_size=41), ValueError, "sum to 40, but vocab_size=41"),
+        (lambda a: shardkl.token_logprobs(a, torch.tensor([0, 1, -1])), ValueError, r"\[0, 40\).*min -1"),
+        (lambda a: shardkl.token_logprobs(a, torch.tensor([0.0, 1.0, 2.0])), TypeError, "integer dtype"),
+        (lambda a: shardkl.sampled_kl(a, a, torch.zeros(3, dtype=torch.long), estimator="k5"), ValueError,
+         "estimator"),
+        (lambda a: shardkl.exact_kl(a, a, mask=torch.tensor([1, 0, 3])), ValueError, "only 0 and 1"),
+        (lambda a: shardkl.exact_kl(a, a, reduction="batchmean"), ValueError, "reduction must be one of"),
+        (lambda a: shardkl.exact_kl(a, a, group=object()), ValueError, "torch.distributed is not initialized"),
+    ],
+)
+def test_bad_inputs_name_the_argument(call, error, text) -> None:
+    a, _ = _pair()
+    with pytest.raises(error, match=text):
+        call(a)
+
+
+def test_declared_vocab_size_that_matches_passes() -> None:
+    a, b = _pair()
+    torch.testing.assert_close(shardkl.exact_kl(a, b, vocab_size=40), shardkl.exact_kl(a, b))
