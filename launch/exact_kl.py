@@ -42,6 +42,7 @@ def main(argv: list[str]) -> int:
     import torch
     import torch.distributed as dist
 
+    from shardkl import CollectiveError, set_collective_timeout
     from shardkl.experiment import format_table, run_rank
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -58,8 +59,13 @@ def main(argv: list[str]) -> int:
         group = dist.group.WORLD
     elif torch.cuda.is_available() and config.backend != "gloo":
         device = torch.device("cuda")
+    set_collective_timeout(config.timeout_s)
     try:
         result = run_rank(config, group=group, device=device)
+    except CollectiveError as exc:
+        # a peer died or stalled: one line, non-zero exit, no traceback wall
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     finally:
         if group is not None:
             dist.destroy_process_group()

@@ -19,7 +19,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+def _entry(
+    rank: int, world: int, port: int, fn: Callable[..., None], args: tuple[Any, ...], env: dict[str, str]
+) -> None:
+    os.environ.update(env)
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
@@ -29,13 +32,23 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tupl
         dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., None], world: int, *args: Any) -> None:
+def run_ranks(fn: Callable[..., None], world: int, *args: Any, env: dict[str, str] | None = None) -> None:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; an exception on any rank fails the caller.
 
-    ``fn`` must be a module-level function (it is pickled by reference into the spawned processes).
+    ``fn`` must be a module-level function (it is pickled by reference into the spawned processes); ``env`` is
+    set in each rank before its process group is created.
     """
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+    saved = {key: os.environ.get(key) for key in env or {}}
+    os.environ.update(env or {})  # some settings (TORCH_DISTRIBUTED_DEBUG) are read when torch is imported
+    try:
+        mp.spawn(_entry, args=(world, free_port(), fn, args, env or {}), nprocs=world, join=True)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def split_sizes(vocab: int, world: int, pattern: str = "uneven") -> list[int]:
