@@ -62,6 +62,9 @@ def main(argv: list[str]) -> int:
     set_collective_timeout(config.timeout_s)
     try:
         result = run_rank(config, group=group, device=device)
+        if group is not None:
+            # every rank leaves together: gloo can abort a process that tears down while a peer still sends
+            dist.barrier(group)
     except CollectiveError as exc:
         # a peer died or stalled: one line, non-zero exit, no traceback wall
         print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
