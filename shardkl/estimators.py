@@ -7,7 +7,6 @@ For x ~ P and ``log r = log Q(x) - log P(x)``, each ``k`` is a per-sample estima
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from shardkl._stats import exp_gap
