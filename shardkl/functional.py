@@ -4,6 +4,10 @@ Every function takes this rank's contiguous slice of the vocabulary in the last 
 order, sizes may differ, a rank may hold none) and the ``group`` the vocabulary is split over; ``group=None``
 means the tensors hold the whole vocabulary. All of them are thin views of :func:`kl_stats`, which issues one
 collective per call and none in backward.
+
+Every function also accepts DTensor logits sharded on the last dimension (the group then comes from the mesh;
+results are plain tensors, identical on the ranks of the vocabulary group) and ``valid_vocab_size=`` to drop a
+padded vocabulary tail; ``shardkl._frontdoor`` does both before anything else.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import Tensor
 
 from shardkl import estimators
 from shardkl._engine import ShardedStatsFunction
+from shardkl._frontdoor import local_inputs
 from shardkl.distributed import ProcessGroup
 from shardkl.reduction import Reduction, check_mask, check_reduction, reduce_tokens
 
@@ -93,6 +98,7 @@ def kl_stats(
     *,
     group: ProcessGroup | None = None,
     temperature: float = 1.0,
+    valid_vocab_size: int | None = None,
 ) -> KLStats:
     """All per-token results of two sharded policies from one collective.
 
@@ -102,13 +108,19 @@ def kl_stats(
         tokens: global token ids sampled from P, shaped like the logits without the last dimension, or ``None``.
         group: process group the vocabulary is split over; ``None`` for full-vocabulary tensors.
         temperature: P = softmax(p_logits / T), Q = softmax(q_logits / T).
+        valid_vocab_size: real vocabulary size; columns with global id ``>= valid_vocab_size`` (padding at the
+            end of the vocabulary, Megatron's equal partitions) count as ``-inf`` and get zero gradient.
 
     Returns:
-        :class:`KLStats`, float32 (float64 for float64 input), differentiable with respect to both logits.
+        :class:`KLStats`, float32 (float64 for float64 input), differentiable with respect to both logits. Plain
+        tensors also for DTensor logits (the same values on every rank of the vocabulary group).
 
     Shape:
         logits ``[..., V_local]`` → every field ``[...]``.
     """
+    p_logits, q_logits, tokens, _, group = local_inputs(
+        p_logits, q_logits, tokens, group=group, valid_vocab_size=valid_vocab_size
+    )
     p, q, t = _check_inputs(p_logits, q_logits, tokens, temperature)
     if q is None:
         raise TypeError("q_logits must be a torch.Tensor, got None")
@@ -128,6 +140,7 @@ def exact_kl(
     mask: Tensor | None = None,
     reduction: Reduction = "none",
     temperature: float = 1.0,
+    valid_vocab_size: int | None = None,
 ) -> Tensor:
     """Exact KL(P‖Q) per token over the full, sharded vocabulary.
 
@@ -138,12 +151,17 @@ def exact_kl(
         mask: bool or 0/1 tensor shaped like the result; 1 = the token counts.
         reduction: see :func:`shardkl.reduce_tokens`.
         temperature: applied to both logits.
+        valid_vocab_size: real vocabulary size; columns with global id ``>= valid_vocab_size`` (padding at the
+            end of the vocabulary, Megatron's equal partitions) count as ``-inf`` and get zero gradient.
 
     Returns:
         Per-token KL ``[...]`` (masked tokens are 0) or a scalar; never negative, ``inf`` where P puts mass on a
         token that Q gives ``-inf``.
     """
     check_reduction(reduction)
+    p_logits, q_logits, _, mask, group = local_inputs(
+        p_logits, q_logits, None, mask, group=group, valid_vocab_size=valid_vocab_size
+    )
     p, q, _ = _check_inputs(p_logits, q_logits, None, temperature)
     check_mask(mask, p.shape[:-1])
     kl = kl_stats(p, q, group=group, temperature=temperature).exact_kl
@@ -160,6 +178,7 @@ def sampled_kl(
     mask: Tensor | None = None,
     reduction: Reduction = "none",
     temperature: float = 1.0,
+    valid_vocab_size: int | None = None,
 ) -> Tensor:
     """Schulman's estimator of KL(P‖Q) at tokens sampled from P.
 
@@ -168,7 +187,7 @@ def sampled_kl(
         q_logits: this rank's slice of the logits of Q, same shape.
         tokens: global token ids, ``[...]``.
         estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
-        group, mask, reduction, temperature: as in :func:`exact_kl`.
+        group, mask, reduction, temperature, valid_vocab_size: as in :func:`exact_kl`.
 
     Returns:
         Per-token estimates ``[...]`` or a scalar.
@@ -176,6 +195,9 @@ def sampled_kl(
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     check_reduction(reduction)
+    p_logits, q_logits, tokens, mask, group = local_inputs(
+        p_logits, q_logits, tokens, mask, group=group, valid_vocab_size=valid_vocab_size
+    )
     p, q, t = _check_inputs(p_logits, q_logits, tokens, temperature)
     check_mask(mask, p.shape[:-1])
     stats = kl_stats(p, q, t, group=group, temperature=temperature)
@@ -185,7 +207,12 @@ def sampled_kl(
 
 
 def token_logprobs(
-    logits: Tensor, tokens: Tensor, *, group: ProcessGroup | None = None, temperature: float = 1.0
+    logits: Tensor,
+    tokens: Tensor,
+    *,
+    group: ProcessGroup | None = None,
+    temperature: float = 1.0,
+    valid_vocab_size: int | None = None,
 ) -> Tensor:
     """``log softmax(logits / T)`` at the global token ids, over the sharded vocabulary.
 
@@ -194,26 +221,38 @@ def token_logprobs(
         tokens: global token ids, ``[...]``.
         group: process group the vocabulary is split over; ``None`` for full-vocabulary tensors.
         temperature: softmax temperature.
+        valid_vocab_size: real vocabulary size; columns with global id ``>= valid_vocab_size`` (padding at the
+            end of the vocabulary, Megatron's equal partitions) count as ``-inf`` and get zero gradient.
 
     Returns:
         ``[...]`` log-probabilities, differentiable with respect to ``logits``.
     """
+    logits, _, tokens, _, group = local_inputs(logits, None, tokens, group=group, valid_vocab_size=valid_vocab_size)
     p, _, t = _check_inputs(logits, None, tokens, temperature)
     _, _, logp, _ = ShardedStatsFunction.apply(p, None, t, group, float(temperature))
     return logp
 
 
-def entropy(logits: Tensor, *, group: ProcessGroup | None = None, temperature: float = 1.0) -> Tensor:
+def entropy(
+    logits: Tensor,
+    *,
+    group: ProcessGroup | None = None,
+    temperature: float = 1.0,
+    valid_vocab_size: int | None = None,
+) -> Tensor:
     """Entropy of ``softmax(logits / T)`` over the sharded vocabulary.
 
     Args:
         logits: this rank's slice of the logits, ``[..., V_local]``.
         group: process group the vocabulary is split over; ``None`` for full-vocabulary tensors.
         temperature: softmax temperature.
+        valid_vocab_size: real vocabulary size; columns with global id ``>= valid_vocab_size`` (padding at the
+            end of the vocabulary, Megatron's equal partitions) count as ``-inf`` and get zero gradient.
 
     Returns:
         ``[...]`` entropies in nats, differentiable with respect to ``logits``.
     """
+    logits, _, _, _, group = local_inputs(logits, group=group, valid_vocab_size=valid_vocab_size)
     p, _, _ = _check_inputs(logits, None, None, temperature)
     _, ent, _, _ = ShardedStatsFunction.apply(p, None, None, group, float(temperature))
     return ent
