@@ -137,3 +137,41 @@ def _check_parallelize_module(rank: int, world: int) -> None:
 
 def test_parallelize_module_colwise_lm_head() -> None:
     run_ranks(_check_parallelize_module, 2)
+
+
+def _check_hf_llama(rank: int, world: int) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=1001, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=16, tie_word_embeddings=False, initializer_range=0.2,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    policy = transformers.LlamaForCausalLM(config).double()
+    one = transformers.LlamaForCausalLM(config).double()
+    one.load_state_dict(policy.state_dict())
+    reference_model = transformers.LlamaForCausalLM(config).double().requires_grad_(False)
+    mesh = DeviceMesh("cpu", torch.arange(world))
+    for model in (policy, reference_model):
+        parallelize_module(model, mesh, {"lm_head": ColwiseParallel(use_local_output=False)})
+    ids = torch.randint(0, 1001, (2, 9), generator=torch.Generator().manual_seed(1))
+    tokens, mask = ids[:, 4:], torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    logits = policy(ids).logits[:, 3:-1]
+    assert isinstance(logits, DTensor) and tuple(logits.placements) == (Shard(2),)
+    with torch.no_grad():
+        ref_logits = reference_model(ids).logits[:, 3:-1]
+    loss = shardkl.kl_penalty(logits, ref_logits, tokens, mask=mask, kind="k3+")
+    loss.backward()
+    full_ref = ref_logits.full_tensor()
+    expected = shardkl.kl_penalty(one(ids).logits[:, 3:-1], full_ref, tokens, mask=mask, kind="k3+")
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-14)
+    one_params = dict(one.named_parameters())
+    for name, param in policy.named_parameters():
+        grad = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
+        torch.testing.assert_close(grad, one_params[name].grad, rtol=1e-8, atol=1e-12, msg=name)
+
+
+def test_parallelize_module_hugging_face_llama_lm_head() -> None:
+    pytest.importorskip("transformers")
+    run_ranks(_check_hf_llama, 2)
