@@ -83,7 +83,7 @@ def _check_collectives_and_padding(rank: int, world: int) -> None:
     assert bwd.total == 0, bwd.calls
     # bytes per token per rank do not depend on the vocabulary
     tokens_count = tokens.numel()
-    with shardkl.count_collectives():
+    with shardkl.count_collectives() as wide:
         shardkl.kl_stats(torch.cat([x, x], -1).detach(), torch.cat([y, y], -1).detach(),
                          tokens, group=group)
     with shardkl.count_collectives() as wide2:
