@@ -175,3 +175,18 @@ def _check_hf_llama(rank: int, world: int) -> None:
 def test_parallelize_module_hugging_face_llama_lm_head() -> None:
     pytest.importorskip("transformers")
     run_ranks(_check_hf_llama, 2)
+
+
+def _check_mesh_order(rank: int, world: int) -> None:
+    # mesh coordinate 0 is global rank 1, but the dimension's group numbers ranks sorted; torch 2.13 itself is not
+    # consistent here (distribute_tensor's local pieces disagree with compute_local_shape_and_global_offset)
+    mesh = DeviceMesh("cpu", torch.tensor([1, 0]))
+    a, b, _ = _inputs(9)
+    x = distribute_tensor(a, mesh, [Shard(-1)])
+    with pytest.raises(ValueError, match=r"orders its ranks \[0, 1\], but the mesh orders the vocabulary shards "
+                                         r"\[1, 0\]"):
+        shardkl.entropy(x)
+
+
+def test_mesh_out_of_group_rank_order_is_refused() -> None:
+    run_ranks(_check_mesh_order, 2)
