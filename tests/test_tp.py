@@ -90,13 +90,16 @@ def test_train_tp_under_torchrun(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        str(ROOT / "launch" / "train_tp.py"), "--steps", "2", "--verify", "--json", str(out),
+        str(ROOT / "launch" / "train_tp.py"), "--config", str(ROOT / "configs" / "tp" / "train_tp.toml"),
+        "--steps", "2", "--verify", "--json", str(out),
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "exact_kl_after" in proc.stdout
     result = json.loads(out.read_text())
+    # the command line (steps=2) wins over the file (steps=3), the file (response_len=10) over the defaults (12)
     assert result["world_size"] == 2 and len(result["steps"]) == 2
+    assert result["config"]["response_len"] == 10 and result["config"]["kind"] == "exact"
     assert result["steps"][0]["kl_penalty"] == 0.0
     assert all(step["exact_kl_after"] > 1e-3 for step in result["steps"])
     verify = result["verify"]
