@@ -31,6 +31,7 @@ from torch import Tensor
 from shardkl._stats import exp_gap
 from shardkl.distributed import ProcessGroup
 from shardkl.functional import KLStats, kl_stats
+from shardkl.integrations.dtensor import is_dtensor
 from shardkl.reduction import Reduction, check_mask, check_reduction, reduce_tokens
 
 PenaltyKind = Literal["exact", "k1", "k2", "k3", "k1+", "k3+", "kl", "mse", "low_var_kl", "kl+", "low_var_kl+"]
@@ -156,9 +157,8 @@ def kl_penalty(
 
 
 def _local_mask(mask: Tensor | None) -> Tensor | None:
-    # a DTensor mask (replicated over the vocabulary group) reduces with the plain per-token results
-    from shardkl.integrations.dtensor import is_dtensor
-
+    # a per-token DTensor (mask, tokens, advantages; replicated over the vocabulary group) pairs with the plain
+    # per-token results, which hold this rank's rows
     return mask.to_local() if mask is not None and is_dtensor(mask) else mask  # type: ignore[attr-defined]
 
 
@@ -210,6 +210,7 @@ def grpo_loss(
     """
     canonical_kind(kind)
     check_reduction(reduction)
+    tokens, advantages = _local_mask(tokens), _local_mask(advantages)  # type: ignore[assignment]
     if not isinstance(advantages, Tensor):
         raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
     try:

@@ -166,6 +166,12 @@ def _check_hf_llama(rank: int, world: int) -> None:
     expected = shardkl.kl_penalty(one(ids).logits[:, 3:-1], full_ref, tokens, mask=mask, kind="k3+")
     expected.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-14)
+    # grpo_loss takes the same DTensor logits (values only here; the gradients are checked above)
+    advantages = torch.tensor([[0.5], [-1.0]], dtype=torch.float64)
+    with torch.no_grad():
+        out = shardkl.grpo_loss(policy(ids).logits[:, 3:-1], ref_logits, tokens, advantages, beta=0.1, mask=mask)
+        one_out = shardkl.grpo_loss(one(ids).logits[:, 3:-1], full_ref, tokens, advantages, beta=0.1, mask=mask)
+    torch.testing.assert_close(out.loss, one_out.loss, rtol=1e-10, atol=1e-14)
     one_params = dict(one.named_parameters())
     for name, param in policy.named_parameters():
         grad = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
