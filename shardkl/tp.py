@@ -98,7 +98,7 @@ class TensorParallelCausalLM(nn.Module):
 
     def __init__(self, model: nn.Module, *, group: ProcessGroup | None, pad_multiple: int = 8) -> None:
         super().__init__()
-        self.trunk = model.model  # type: ignore[union-attr]
+        self.trunk: nn.Module = model.model  # type: ignore[assignment]
         self.head = ColumnParallelLMHead.from_linear(
             model.lm_head, group=group, pad_multiple=pad_multiple  # type: ignore[arg-type]
         )
@@ -140,7 +140,7 @@ def build_causal_lm(config: TPConfig) -> nn.Module:
     """The full single-process model, identical on every process for the same seed."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hf_config = LlamaConfig(
+    hf_config = LlamaConfig(  # type: ignore[call-arg]
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=2 * config.hidden_size,
@@ -217,18 +217,19 @@ def parity_report(
     one_params = dict(one_policy.named_parameters())
     grad_diff = weight_diff = 0.0
     for name, param in policy.named_parameters():
-        full = one_params[name]
+        full_param = one_params[name]
         grad = param.grad if param.grad is not None else torch.zeros_like(param)
-        full_grad = full.grad if full.grad is not None else torch.zeros_like(full)
+        full_grad = full_param.grad if full_param.grad is not None else torch.zeros_like(full_param)
+        full = full_param.detach()
         if name == "head.weight":
             local = param.shape[0]
             start = policy.head.vocab_start
             kept = max(min(policy.valid_vocab_size - start, local), 0)
             pad = torch.zeros(local - kept, param.shape[1], dtype=param.dtype, device=param.device)
-            full = torch.cat([full.detach()[start : start + kept], pad])
+            full = torch.cat([full[start : start + kept], pad])
             full_grad = torch.cat([full_grad[start : start + kept], pad])
         grad_diff = max(grad_diff, (grad - full_grad).abs().max().item())
-        weight_diff = max(weight_diff, (param.detach() - full.detach()).abs().max().item())
+        weight_diff = max(weight_diff, (param.detach() - full).abs().max().item())
     return {"max_rel_diff_scalars": rel, "max_abs_diff_grads": grad_diff, "max_abs_diff_weights": weight_diff}
 
 
