@@ -6,6 +6,7 @@ all-gather of a few floats per token, so no rank materialises the full-vocabular
 
 from __future__ import annotations
 
+from shardkl import nn
 from shardkl.distributed import CollectiveCounter, CollectiveError, count_collectives, set_collective_timeout
 from shardkl.estimators import k1, k2, k3
 from shardkl.functional import (
@@ -18,6 +19,7 @@ from shardkl.functional import (
     sampled_kl,
     token_logprobs,
 )
+from shardkl.losses import PENALTY_KINDS, GRPOLoss, PenaltyKind, grpo_loss, kl_penalty
 from shardkl.reduction import REDUCTIONS, Reduction, reduce_tokens
 
 __version__ = "0.1.0"
@@ -28,16 +30,22 @@ __all__ = [
     "CollectiveCounter",
     "CollectiveError",
     "Estimator",
+    "GRPOLoss",
     "KLStats",
+    "PENALTY_KINDS",
+    "PenaltyKind",
     "Reduction",
     "__version__",
     "count_collectives",
     "entropy",
     "exact_kl",
+    "grpo_loss",
     "k1",
     "k2",
     "k3",
+    "kl_penalty",
     "kl_stats",
+    "nn",
     "reduce_tokens",
     "sampled_kl",
     "set_collective_timeout",

@@ -4,6 +4,10 @@ Every function takes this rank's contiguous slice of the vocabulary in the last 
 order, sizes may differ, a rank may hold none) and the ``group`` the vocabulary is split over; ``group=None``
 means the tensors hold the whole vocabulary. All of them are thin views of :func:`kl_stats`, which issues one
 collective per call and none in backward.
+
+Every function also accepts DTensor logits sharded on the last dimension (the group then comes from the mesh;
+results are plain tensors, identical on the ranks of the vocabulary group) and ``valid_vocab_size=`` to drop a
+padded vocabulary tail; ``shardkl._frontdoor`` does both before anything else.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import Tensor
 
 from shardkl import estimators
 from shardkl._engine import EngineOptions, ShardedStatsFunction
+from shardkl._frontdoor import local_inputs
 from shardkl.distributed import ProcessGroup
 from shardkl.reduction import Reduction, check_mask, check_reduction, reduce_tokens
 
@@ -107,6 +112,7 @@ def kl_stats(
     group: ProcessGroup | None = None,
     temperature: float = 1.0,
     vocab_size: int | None = None,
+    valid_vocab_size: int | None = None,
     validate: bool = True,
     nan_policy: NanPolicy = "raise",
 ) -> KLStats:
@@ -118,20 +124,27 @@ def kl_stats(
         tokens: global token ids sampled from P, shaped like the logits without the last dimension, or ``None``.
         group: process group the vocabulary is split over; ``None`` for full-vocabulary tensors.
         temperature: P = softmax(p_logits / T), Q = softmax(q_logits / T).
-        vocab_size: the global vocabulary size, if known; checked against the sum of the local sizes.
+        vocab_size: the global vocabulary size, if known; checked against the sum of the local sizes (after
+            ``valid_vocab_size`` dropped the padding).
+        valid_vocab_size: real vocabulary size; columns with global id ``>= valid_vocab_size`` (padding at the
+            end of the vocabulary, Megatron's equal partitions) count as ``-inf`` and get zero gradient.
         validate: check that the ranks' calls fit together (shapes, dtypes, temperature, vocab_size), folded into
             the one collective. Token ids are always checked against the vocabulary.
         nan_policy: ``"raise"``: a NaN or ``+inf`` logit raises ``ValueError`` on every rank; ``"propagate"``:
             the tokens concerned get NaN results.
 
     Returns:
-        :class:`KLStats`, float32 (float64 for float64 input), differentiable with respect to both logits.
+        :class:`KLStats`, float32 (float64 for float64 input), differentiable with respect to both logits. Plain
+        tensors also for DTensor logits (the same values on every rank of the vocabulary group).
 
     Shape:
         logits ``[..., V_local]`` → every field ``[...]``.
     """
     if q_logits is None:
         raise TypeError("q_logits must be a torch.Tensor, got None")
+    p_logits, q_logits, tokens, _, group = local_inputs(
+        p_logits, q_logits, tokens, group=group, valid_vocab_size=valid_vocab_size
+    )
     p, q, t = _check_inputs(p_logits, q_logits, tokens, temperature)
     options = _options(vocab_size, validate, nan_policy)
     kl, ent, logp, logq = ShardedStatsFunction.apply(p, q, t, group, float(temperature), options)
@@ -151,6 +164,7 @@ def exact_kl(
     reduction: Reduction = "none",
     temperature: float = 1.0,
     vocab_size: int | None = None,
+    valid_vocab_size: int | None = None,
     validate: bool = True,
     nan_policy: NanPolicy = "raise",
 ) -> Tensor:
@@ -163,13 +177,16 @@ def exact_kl(
         mask: bool or 0/1 tensor shaped like the result; 1 = the token counts.
         reduction: see :func:`shardkl.reduce_tokens`.
         temperature: applied to both logits.
-        vocab_size, validate, nan_policy: as in :func:`kl_stats`.
+        vocab_size, valid_vocab_size, validate, nan_policy: as in :func:`kl_stats`.
 
     Returns:
         Per-token KL ``[...]`` (masked tokens are 0) or a scalar; never negative, ``inf`` where P puts mass on a
         token that Q gives ``-inf``.
     """
     check_reduction(reduction)
+    p_logits, q_logits, _, mask, group = local_inputs(
+        p_logits, q_logits, None, mask, group=group, valid_vocab_size=valid_vocab_size
+    )
     p, q, _ = _check_inputs(p_logits, q_logits, None, temperature)
     check_mask(mask, p.shape[:-1])
     kl = kl_stats(
@@ -189,6 +206,7 @@ def sampled_kl(
     reduction: Reduction = "none",
     temperature: float = 1.0,
     vocab_size: int | None = None,
+    valid_vocab_size: int | None = None,
     validate: bool = True,
     nan_policy: NanPolicy = "raise",
 ) -> Tensor:
@@ -199,7 +217,8 @@ def sampled_kl(
         q_logits: this rank's slice of the logits of Q, same shape.
         tokens: global token ids, ``[...]``.
         estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
-        group, mask, reduction, temperature, vocab_size, validate, nan_policy: as in :func:`exact_kl`.
+        group, mask, reduction, temperature, vocab_size, valid_vocab_size, validate, nan_policy: as in
+            :func:`exact_kl`.
 
     Returns:
         Per-token estimates ``[...]`` or a scalar.
@@ -207,6 +226,9 @@ def sampled_kl(
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     check_reduction(reduction)
+    p_logits, q_logits, tokens, mask, group = local_inputs(
+        p_logits, q_logits, tokens, mask, group=group, valid_vocab_size=valid_vocab_size
+    )
     p, q, t = _check_inputs(p_logits, q_logits, tokens, temperature)
     check_mask(mask, p.shape[:-1])
     stats = kl_stats(
@@ -224,6 +246,7 @@ def token_logprobs(
     group: ProcessGroup | None = None,
     temperature: float = 1.0,
     vocab_size: int | None = None,
+    valid_vocab_size: int | None = None,
     validate: bool = True,
     nan_policy: NanPolicy = "raise",
 ) -> Tensor:
@@ -234,11 +257,12 @@ def token_logprobs(
         tokens: global token ids, ``[...]``.
         group: process group the vocabulary is split over; ``None`` for full-vocabulary tensors.
         temperature: softmax temperature.
-        vocab_size, validate, nan_policy: as in :func:`kl_stats`.
+        vocab_size, valid_vocab_size, validate, nan_policy: as in :func:`kl_stats`.
 
     Returns:
         ``[...]`` log-probabilities, differentiable with respect to ``logits``.
     """
+    logits, _, tokens, _, group = local_inputs(logits, None, tokens, group=group, valid_vocab_size=valid_vocab_size)
     p, _, t = _check_inputs(logits, None, tokens, temperature)
     options = _options(vocab_size, validate, nan_policy)
     _, _, logp, _ = ShardedStatsFunction.apply(p, None, t, group, float(temperature), options)
@@ -251,6 +275,7 @@ def entropy(
     group: ProcessGroup | None = None,
     temperature: float = 1.0,
     vocab_size: int | None = None,
+    valid_vocab_size: int | None = None,
     validate: bool = True,
     nan_policy: NanPolicy = "raise",
 ) -> Tensor:
@@ -260,11 +285,12 @@ def entropy(
         logits: this rank's slice of the logits, ``[..., V_local]``.
         group: process group the vocabulary is split over; ``None`` for full-vocabulary tensors.
         temperature: softmax temperature.
-        vocab_size, validate, nan_policy: as in :func:`kl_stats`.
+        vocab_size, valid_vocab_size, validate, nan_policy: as in :func:`kl_stats`.
 
     Returns:
         ``[...]`` entropies in nats, differentiable with respect to ``logits``.
     """
+    logits, _, _, _, group = local_inputs(logits, None, None, group=group, valid_vocab_size=valid_vocab_size)
     p, _, _ = _check_inputs(logits, None, None, temperature)
     options = _options(vocab_size, validate, nan_policy)
     _, ent, _, _ = ShardedStatsFunction.apply(p, None, None, group, float(temperature), options)

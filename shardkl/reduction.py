@@ -10,7 +10,9 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-Reduction = Literal["none", "sum", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
+Reduction = Literal[
+    "none", "sum", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"
+]
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 
@@ -40,8 +42,10 @@ def reduce_tokens(values: Tensor, mask: Tensor | None = None, *, reduction: Redu
         mask: bool or 0/1 tensor shaped like ``values`` (1 = the token counts); ``None`` keeps all.
         reduction: ``"none"`` (masked tokens set to 0), ``"sum"``, ``"token_mean"`` (mean over kept tokens),
             ``"seq_mean_token_mean"`` (mean per sequence, then over sequences) or ``"seq_mean_token_sum"`` (sum per
-            sequence, then mean over sequences). Sequences with no kept token are left out of the mean over
-            sequences; a mean over nothing is 0.
+            sequence, then mean over sequences) or ``"seq_mean_token_sum_norm"`` (Dr. GRPO, verl's semantics: the
+            sum over sequences of each sequence's token sum, divided by the horizon ``values.shape[-1]``, a
+            constant, so no sequence is weighted by its length). Sequences with no kept token are left out of the
+            mean over sequences; a mean over nothing is 0.
 
     Returns:
         ``values``' shape for ``"none"``, else a scalar.
@@ -56,6 +60,10 @@ def reduce_tokens(values: Tensor, mask: Tensor | None = None, *, reduction: Redu
         return masked.sum()
     if reduction == "token_mean":
         return masked.sum() / weight.sum().clamp(min=1)
+    if reduction == "seq_mean_token_sum_norm":
+        # divide by the padded length, not by a count of tokens or sequences (Dr. GRPO; verl's loss_agg_mode)
+        horizon = values.shape[-1] if values.dim() else 1
+        return masked.sum() / max(horizon, 1)
     seq_values = masked if masked.dim() else masked.reshape(1)
     seq_weight = weight if weight.dim() else weight.reshape(1)
     seq_sum = seq_values.sum(dim=-1)
