@@ -187,10 +187,10 @@ def exact_kl(
     p_logits, q_logits, _, mask, group = local_inputs(
         p_logits, q_logits, None, mask, group=group, valid_vocab_size=valid_vocab_size
     )
-    p, q, _ = _check_inputs(p_logits, q_logits, None, temperature)
+    p, _, _ = _check_inputs(p_logits, q_logits, None, temperature)
     check_mask(mask, p.shape[:-1])
     kl = kl_stats(
-        p, q, group=group, temperature=temperature, vocab_size=vocab_size, validate=validate, nan_policy=nan_policy
+        p, q_logits, group=group, temperature=temperature, vocab_size=vocab_size, validate=validate, nan_policy=nan_policy
     ).exact_kl
     return reduce_tokens(kl, mask, reduction=reduction)
 
@@ -229,10 +229,10 @@ def sampled_kl(
     p_logits, q_logits, tokens, mask, group = local_inputs(
         p_logits, q_logits, tokens, mask, group=group, valid_vocab_size=valid_vocab_size
     )
-    p, q, t = _check_inputs(p_logits, q_logits, tokens, temperature)
+    p, _, t = _check_inputs(p_logits, q_logits, tokens, temperature)
     check_mask(mask, p.shape[:-1])
     stats = kl_stats(
-        p, q, t, group=group, temperature=temperature, vocab_size=vocab_size, validate=validate, nan_policy=nan_policy
+        p, q_logits, t, group=group, temperature=temperature, vocab_size=vocab_size, validate=validate, nan_policy=nan_policy
     )
     values = {"k1": stats.k1, "k2": stats.k2, "k3": stats.k3}[estimator]
     assert values is not None
