@@ -20,7 +20,13 @@ def free_port() -> int:
 
 
 def _entry(
-    rank: int, world: int, port: int, fn: Callable[..., None], args: tuple[Any, ...], env: dict[str, str]
+    rank: int,
+    world: int,
+    port: int,
+    fn: Callable[..., None],
+    args: tuple[Any, ...],
+    env: dict[str, str],
+    barrier: bool,
 ) -> None:
     os.environ.update(env)
     torch.set_num_threads(1)
@@ -28,21 +34,27 @@ def _entry(
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         fn(rank, world, *args)
+        if barrier:
+            # leave together: gloo can abort ("terminate called without an active exception") a rank that tears
+            # down while a peer still talks to it
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., None], world: int, *args: Any, env: dict[str, str] | None = None) -> None:
+def run_ranks(
+    fn: Callable[..., None], world: int, *args: Any, env: dict[str, str] | None = None, barrier: bool = True
+) -> None:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; an exception on any rank fails the caller.
 
     ``fn`` must be a module-level function (it is pickled by reference into the spawned processes); ``env`` is
-    set in each rank before its process group is created.
+    set in each rank before its process group is created. ``barrier=False`` for tests that break the group.
     """
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     saved = {key: os.environ.get(key) for key in env or {}}
     os.environ.update(env or {})  # some settings (TORCH_DISTRIBUTED_DEBUG) are read when torch is imported
     try:
-        mp.spawn(_entry, args=(world, free_port(), fn, args, env or {}), nprocs=world, join=True)
+        mp.spawn(_entry, args=(world, free_port(), fn, args, env or {}, barrier), nprocs=world, join=True)
     finally:
         for key, value in saved.items():
             if value is None:

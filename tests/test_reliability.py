@@ -91,7 +91,7 @@ def _token_count_mismatch(rank: int, world: int) -> None:
 def test_token_count_mismatch_is_a_clear_error_with_torch_debug_detail() -> None:
     # Ranks passing different numbers of tokens cannot be told apart inside one collective (its size differs);
     # TORCH_DISTRIBUTED_DEBUG=DETAIL makes torch check collective shapes first, and shardkl names the op.
-    run_ranks(_token_count_mismatch, 2, env={"TORCH_DISTRIBUTED_DEBUG": "DETAIL"})
+    run_ranks(_token_count_mismatch, 2, env={"TORCH_DISTRIBUTED_DEBUG": "DETAIL"}, barrier=False)
 
 
 def _silent_peer(rank: int, world: int) -> None:
@@ -110,7 +110,7 @@ def _silent_peer(rank: int, world: int) -> None:
 
 
 def test_a_rank_that_never_calls_gives_a_timeout_error() -> None:
-    run_ranks(_silent_peer, 2)
+    run_ranks(_silent_peer, 2, barrier=False)
 
 
 def _dead_peer(rank: int, world: int) -> None:
@@ -125,7 +125,7 @@ def _dead_peer(rank: int, world: int) -> None:
 
 
 def test_a_dead_rank_gives_an_error_not_a_hang() -> None:
-    run_ranks(_dead_peer, 2)
+    run_ranks(_dead_peer, 2, barrier=False)
 
 
 def _descendants(root: int) -> list[int]:
