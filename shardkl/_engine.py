@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from shardkl import _stats, _validation
+from shardkl import _stats, _validation, kernels
 from shardkl.distributed import (
     ProcessGroup,
     all_gather_flat,
@@ -24,6 +24,7 @@ from shardkl.distributed import (
     remember_vocab_sizes,
     vocab_start_hint,
 )
+from shardkl.kernels import Kernels, scaled
 
 # Elements per chunk: the fp32 temporaries of one chunk are ~1 MiB each, so the extra memory of a call
 # is O(tokens) plus a few MiB, whatever the vocabulary.
@@ -59,12 +60,9 @@ def _chunks(rows: int, vocab: int) -> Iterator[tuple[slice, list[slice]]]:
         yield slice(r, min(r + rows_chunk, rows)), col_slices
 
 
-def _scaled(x: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
-    x = x.to(dtype)
-    return x if temperature == 1.0 else x / temperature
-
-
-def local_stats(a: Tensor, b: Tensor | None, temperature: float, dtype: torch.dtype) -> Tensor:
+def local_stats(
+    a: Tensor, b: Tensor | None, temperature: float, dtype: torch.dtype, impl: Kernels = kernels.EAGER
+) -> Tensor:
     """Per-token stats of this rank's vocabulary slice, ``[num_stats, rows]``."""
     vocab = a.shape[-1]
     rows = a.numel() // vocab if vocab else int(torch.tensor(a.shape[:-1]).prod())
@@ -79,11 +77,7 @@ def local_stats(a: Tensor, b: Tensor | None, temperature: float, dtype: torch.dt
     for row0, a2, b2 in _row_blocks(a, b):
         for rs, col_slices in _chunks(a2.shape[0], vocab):
             leaves = [
-                _stats.leaf_stats(
-                    _scaled(a2[rs, cs], dtype, temperature),
-                    None if b2 is None else _scaled(b2[rs, cs], dtype, temperature),
-                )
-                for cs in col_slices
+                impl.leaf(a2[rs, cs], None if b2 is None else b2[rs, cs], temperature, dtype) for cs in col_slices
             ]
             merged = leaves[0] if len(leaves) == 1 else _stats.merge_stats(torch.stack(leaves))
             out[:, row0 + rs.start : row0 + rs.stop] = merged
@@ -104,7 +98,7 @@ def _token_logits(x: Tensor, local_tokens: Tensor, dtype: torch.dtype, temperatu
     except RuntimeError:
         # rows not viewable as one 2-D tensor (e.g. logits[:, :-1]): index through the original layout
         values = x[torch.unravel_index(rows, x.shape[:-1]) + (cols,)]
-    out[rows] = _scaled(values, dtype, temperature)
+    out[rows] = scaled(values, dtype, temperature)
     return out
 
 
@@ -120,6 +114,7 @@ class EngineOptions:
     validate: bool = True
     nan_policy: str = "raise"
     vocab_size: int | None = None
+    impl: str = "auto"
 
 
 def _token_rows(a: Tensor, b: Tensor | None, tokens: Tensor, start: int, dtype: torch.dtype, t: float) -> Tensor:
@@ -146,7 +141,8 @@ class ShardedStatsFunction(torch.autograd.Function):
         dtype = compute_dtype(a, b)
         lead_shape = a.shape[:-1]
         vocab = a.shape[-1]
-        stats = local_stats(a, b, temperature, dtype)
+        impl = kernels.resolve(options.impl, a.device, a.numel())
+        stats = local_stats(a, b, temperature, dtype, impl)
         num_stats, rows = stats.shape
         flat_tokens = None if tokens is None else tokens.reshape(-1)
         num_token_rows = 0 if flat_tokens is None else (1 if b is None else 2)
@@ -202,6 +198,7 @@ class ShardedStatsFunction(torch.autograd.Function):
         ctx.temperature = temperature
         ctx.start = start
         ctx.dtype = dtype
+        ctx.kernels = impl
         ctx.set_materialize_grads(False)
         zeros = torch.zeros(rows, dtype=dtype, device=a.device)
         outputs = (
@@ -238,7 +235,6 @@ class ShardedStatsFunction(torch.autograd.Function):
         ga2 = None if grad_a is None else grad_a.view(-1, vocab)
         gb2 = None if grad_b is None else grad_b.view(-1, vocab)
         local_tokens = None if tokens is None else tokens - ctx.start
-        scale = 1.0 / ctx.temperature
         for row0, a2, b2 in _row_blocks(a, b):
             for rs, col_slices in _chunks(a2.shape[0], vocab):
                 g = slice(row0 + rs.start, row0 + rs.stop)
@@ -251,9 +247,11 @@ class ShardedStatsFunction(torch.autograd.Function):
                     if local_tokens is not None:
                         lt = local_tokens[g] - cs.start
                         cols = torch.where((lt >= 0) & (lt < cs.stop - cs.start), lt, torch.full_like(lt, -1))
-                    da, db = _stats.chunk_grads(
-                        _scaled(a2[rs, cs], ctx.dtype, ctx.temperature),
-                        None if b2 is None else _scaled(b2[rs, cs], ctx.dtype, ctx.temperature),
+                    da, db = ctx.kernels.grads(
+                        a2[rs, cs],
+                        None if b2 is None else b2[rs, cs],
+                        ctx.temperature,
+                        ctx.dtype,
                         lse_a=lse_a[g],
                         lse_b=pick(lse_b),
                         kl=pick(kl),
@@ -265,7 +263,7 @@ class ShardedStatsFunction(torch.autograd.Function):
                         token_cols=cols,
                     )
                     if ga2 is not None:
-                        ga2[g, cs] = da.mul_(scale) if scale != 1.0 else da
+                        ga2[g, cs] = da
                     if db is not None and gb2 is not None:
-                        gb2[g, cs] = db.mul_(scale) if scale != 1.0 else db
+                        gb2[g, cs] = db
         return (grad_a, grad_b, None, None, None, None)

@@ -22,6 +22,7 @@ from shardkl import estimators
 from shardkl._engine import EngineOptions, ShardedStatsFunction
 from shardkl._frontdoor import local_inputs
 from shardkl.distributed import ProcessGroup
+from shardkl.kernels import Impl, check_impl
 from shardkl.reduction import Reduction, check_mask, check_reduction, reduce_tokens
 
 Estimator = Literal["k1", "k2", "k3"]
@@ -93,7 +94,7 @@ def _check_inputs(
     return p, q, t
 
 
-def _options(vocab_size: object, validate: object, nan_policy: object) -> EngineOptions:
+def _options(vocab_size: object, validate: object, nan_policy: object, impl: object = "auto") -> EngineOptions:
     """Check the options every rank must agree on, before any collective."""
     if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 0):
         raise ValueError(f"vocab_size must be a non-negative int or None, got {vocab_size!r}")
@@ -101,7 +102,8 @@ def _options(vocab_size: object, validate: object, nan_policy: object) -> Engine
         raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
-    return EngineOptions(validate=validate, nan_policy=str(nan_policy), vocab_size=vocab_size)
+    check_impl(impl)
+    return EngineOptions(validate=validate, nan_policy=str(nan_policy), vocab_size=vocab_size, impl=str(impl))
 
 
 def kl_stats(
@@ -115,6 +117,7 @@ def kl_stats(
     valid_vocab_size: int | None = None,
     validate: bool = True,
     nan_policy: NanPolicy = "raise",
+    impl: Impl = "auto",
 ) -> KLStats:
     """All per-token results of two sharded policies from one collective.
 
@@ -132,6 +135,8 @@ def kl_stats(
             the one collective. Token ids are always checked against the vocabulary.
         nan_policy: ``"raise"``: a NaN or ``+inf`` logit raises ``ValueError`` on every rank; ``"propagate"``:
             the tokens concerned get NaN results.
+        impl: kernels: ``"eager"``, ``"compiled"`` (torch.compile), ``"triton"`` (CUDA) or ``"auto"``; see
+            :mod:`shardkl.kernels`. All give the same results to fp32 rounding.
 
     Returns:
         :class:`KLStats`, float32 (float64 for float64 input), differentiable with respect to both logits. Plain
@@ -146,7 +151,7 @@ def kl_stats(
         p_logits, q_logits, tokens, group=group, valid_vocab_size=valid_vocab_size
     )
     p, q, t = _check_inputs(p_logits, q_logits, tokens, temperature)
-    options = _options(vocab_size, validate, nan_policy)
+    options = _options(vocab_size, validate, nan_policy, impl)
     kl, ent, logp, logq = ShardedStatsFunction.apply(p, q, t, group, float(temperature), options)
     if t is None:
         return KLStats(kl, ent, None, None, None, None, None)
@@ -167,6 +172,7 @@ def exact_kl(
     valid_vocab_size: int | None = None,
     validate: bool = True,
     nan_policy: NanPolicy = "raise",
+    impl: Impl = "auto",
 ) -> Tensor:
     """Exact KL(P‖Q) per token over the full, sharded vocabulary.
 
@@ -177,7 +183,7 @@ def exact_kl(
         mask: bool or 0/1 tensor shaped like the result; 1 = the token counts.
         reduction: see :func:`shardkl.reduce_tokens`.
         temperature: applied to both logits.
-        vocab_size, valid_vocab_size, validate, nan_policy: as in :func:`kl_stats`.
+        vocab_size, valid_vocab_size, validate, nan_policy, impl: as in :func:`kl_stats`.
 
     Returns:
         Per-token KL ``[...]`` (masked tokens are 0) or a scalar; never negative, ``inf`` where P puts mass on a
@@ -190,7 +196,14 @@ def exact_kl(
     p, _, _ = _check_inputs(p_logits, q_logits, None, temperature)
     check_mask(mask, p.shape[:-1])
     kl = kl_stats(
-        p, q_logits, group=group, temperature=temperature, vocab_size=vocab_size, validate=validate, nan_policy=nan_policy
+        p,
+        q_logits,
+        group=group,
+        temperature=temperature,
+        vocab_size=vocab_size,
+        validate=validate,
+        nan_policy=nan_policy,
+        impl=impl,
     ).exact_kl
     return reduce_tokens(kl, mask, reduction=reduction)
 
@@ -209,6 +222,7 @@ def sampled_kl(
     valid_vocab_size: int | None = None,
     validate: bool = True,
     nan_policy: NanPolicy = "raise",
+    impl: Impl = "auto",
 ) -> Tensor:
     """Schulman's estimator of KL(P‖Q) at tokens sampled from P.
 
@@ -217,7 +231,7 @@ def sampled_kl(
         q_logits: this rank's slice of the logits of Q, same shape.
         tokens: global token ids, ``[...]``.
         estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
-        group, mask, reduction, temperature, vocab_size, valid_vocab_size, validate, nan_policy: as in
+        group, mask, reduction, temperature, vocab_size, valid_vocab_size, validate, nan_policy, impl: as in
             :func:`exact_kl`.
 
     Returns:
@@ -232,7 +246,15 @@ def sampled_kl(
     p, _, t = _check_inputs(p_logits, q_logits, tokens, temperature)
     check_mask(mask, p.shape[:-1])
     stats = kl_stats(
-        p, q_logits, t, group=group, temperature=temperature, vocab_size=vocab_size, validate=validate, nan_policy=nan_policy
+        p,
+        q_logits,
+        t,
+        group=group,
+        temperature=temperature,
+        vocab_size=vocab_size,
+        validate=validate,
+        nan_policy=nan_policy,
+        impl=impl,
     )
     values = {"k1": stats.k1, "k2": stats.k2, "k3": stats.k3}[estimator]
     assert values is not None
@@ -249,6 +271,7 @@ def token_logprobs(
     valid_vocab_size: int | None = None,
     validate: bool = True,
     nan_policy: NanPolicy = "raise",
+    impl: Impl = "auto",
 ) -> Tensor:
     """``log softmax(logits / T)`` at the global token ids, over the sharded vocabulary.
 
@@ -257,14 +280,14 @@ def token_logprobs(
         tokens: global token ids, ``[...]``.
         group: process group the vocabulary is split over; ``None`` for full-vocabulary tensors.
         temperature: softmax temperature.
-        vocab_size, valid_vocab_size, validate, nan_policy: as in :func:`kl_stats`.
+        vocab_size, valid_vocab_size, validate, nan_policy, impl: as in :func:`kl_stats`.
 
     Returns:
         ``[...]`` log-probabilities, differentiable with respect to ``logits``.
     """
     logits, _, tokens, _, group = local_inputs(logits, None, tokens, group=group, valid_vocab_size=valid_vocab_size)
     p, _, t = _check_inputs(logits, None, tokens, temperature)
-    options = _options(vocab_size, validate, nan_policy)
+    options = _options(vocab_size, validate, nan_policy, impl)
     _, _, logp, _ = ShardedStatsFunction.apply(p, None, t, group, float(temperature), options)
     return logp
 
@@ -278,6 +301,7 @@ def entropy(
     valid_vocab_size: int | None = None,
     validate: bool = True,
     nan_policy: NanPolicy = "raise",
+    impl: Impl = "auto",
 ) -> Tensor:
     """Entropy of ``softmax(logits / T)`` over the sharded vocabulary.
 
@@ -285,14 +309,14 @@ def entropy(
         logits: this rank's slice of the logits, ``[..., V_local]``.
         group: process group the vocabulary is split over; ``None`` for full-vocabulary tensors.
         temperature: softmax temperature.
-        vocab_size, valid_vocab_size, validate, nan_policy: as in :func:`kl_stats`.
+        vocab_size, valid_vocab_size, validate, nan_policy, impl: as in :func:`kl_stats`.
 
     Returns:
         ``[...]`` entropies in nats, differentiable with respect to ``logits``.
     """
     logits, _, _, _, group = local_inputs(logits, None, None, group=group, valid_vocab_size=valid_vocab_size)
     p, _, _ = _check_inputs(logits, None, None, temperature)
-    options = _options(vocab_size, validate, nan_policy)
+    options = _options(vocab_size, validate, nan_policy, impl)
     _, ent, _, _ = ShardedStatsFunction.apply(p, None, None, group, float(temperature), options)
     return ent
 
