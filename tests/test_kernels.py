@@ -46,3 +46,20 @@ def test_impl_is_checked_and_auto_picks_eager_for_small_cpu_calls() -> None:
         shardkl.exact_kl(torch.zeros(2, 3), torch.zeros(2, 3), impl="cuda")
     assert kernels.resolve("auto", torch.device("cpu"), 1000).name == "eager"
     assert kernels.resolve("eager", torch.device("cpu"), 1 << 30).name == "eager"
+
+
+def test_auto_falls_back_to_eager_when_compilation_fails(monkeypatch) -> None:
+    from shardkl.kernels import compiled
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(compiled, "leaf", broken)
+    monkeypatch.setattr(kernels, "_compile_failed", False)
+    monkeypatch.setattr(kernels, "_warned", set())
+    monkeypatch.setattr(kernels, "AUTO_COMPILE_ELEMENTS", 0)
+    a, b, _ = _case((3, 50), torch.float32)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        got = shardkl.exact_kl(a, b, impl="auto")
+    torch.testing.assert_close(got, shardkl.exact_kl(a, b, impl="eager"))
+    assert kernels.resolve("auto", torch.device("cpu"), 1 << 30).name == "eager"  # and it stays eager

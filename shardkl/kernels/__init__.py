@@ -113,10 +113,36 @@ def resolve(impl: str, device: torch.device, elements: int) -> Kernels:
             return EAGER
     from shardkl.kernels import compiled
 
-    try:
+    if impl == "compiled":
         return compiled.kernels()
-    except Exception as exc:  # no compiler, unsupported platform, ...: eager is always right
-        if impl == "compiled":
-            raise
-        _warn_once("compiled", f"shardkl: torch.compile is unavailable ({exc}); using the eager kernels")
+    if _compile_failed:
         return EAGER
+    try:
+        chosen = compiled.kernels()
+    except Exception as exc:  # no torch.compile here: eager is always right
+        _disable_compiled(exc)
+        return EAGER
+    return Kernels("compiled", _with_fallback(chosen.leaf, eager_leaf), _with_fallback(chosen.grads, eager_grads))
+
+
+_compile_failed = False
+
+
+def _disable_compiled(exc: BaseException) -> None:
+    global _compile_failed
+    _compile_failed = True
+    _warn_once("compiled", f"shardkl: torch.compile failed ({type(exc).__name__}: {exc}); using the eager kernels")
+
+
+def _with_fallback(fast: Callable[..., Any], safe: Callable[..., Any]) -> Callable[..., Any]:
+    """For ``impl="auto"``: a compiler missing or failing on this machine (found on first use) means eager."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not _compile_failed:
+            try:
+                return fast(*args, **kwargs)
+            except Exception as exc:  # inductor needs a C++ compiler and a supported platform
+                _disable_compiled(exc)
+        return safe(*args, **kwargs)
+
+    return call
