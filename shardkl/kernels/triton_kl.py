@@ -49,9 +49,11 @@ def _num_warps(block: int) -> int:
 
 
 if triton is not None:
+    # The @triton.jit functions carry no type hints except `tl.constexpr`: the Triton compiler evaluates every
+    # parameter annotation inside the kernel's scope, where names such as `typing.Any` do not exist.
 
     @triton.jit
-    def _exp_gap(d: Any) -> Any:
+    def _exp_gap(d):
         """``exp(d) - 1 - d >= 0`` in fp32, accurate for small ``|d|`` (Triton has no portable expm1)."""
         small = tl.abs(d) < 0.5
         ds = tl.where(small, d, 0.0)
@@ -70,7 +72,7 @@ if triton is not None:
         return tl.where(small, ds * ds * series, large)
 
     @triton.jit
-    def _exp_gap_kernel(d_ptr: Any, out_ptr: Any, n: Any, BLOCK: tl.constexpr) -> None:
+    def _exp_gap_kernel(d_ptr, out_ptr, n, BLOCK: tl.constexpr):
         """Elementwise :func:`_exp_gap` (for testing its accuracy)."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -78,7 +80,7 @@ if triton is not None:
         tl.store(out_ptr + offs, _exp_gap(d), mask=mask)
 
     @triton.jit
-    def _online_lse(x_ptr: Any, cols: Any, temperature: Any, BLOCK: tl.constexpr) -> Any:
+    def _online_lse(x_ptr, cols, temperature, BLOCK: tl.constexpr):
         """Pass 1 over one row: ``(m, log s, lse, has_nan)`` with ``s = sum exp(x - m)``, online across tiles."""
         m = float("-inf")
         s = 0.0
@@ -101,17 +103,17 @@ if triton is not None:
 
     @triton.jit
     def _leaf_kernel(
-        a_ptr: Any,
-        b_ptr: Any,
-        out_ptr: Any,
-        rows: Any,
-        cols: Any,
-        stride_a: Any,
-        stride_b: Any,
-        temperature: Any,
+        a_ptr,
+        b_ptr,
+        out_ptr,
+        rows,
+        cols,
+        stride_a,
+        stride_b,
+        temperature,
         HAS_B: tl.constexpr,
         BLOCK: tl.constexpr,
-    ) -> None:
+    ):
         """Stats ``(la, ent[, lb, kl])`` of one row: online lse pass, then the g-form pass."""
         row = tl.program_id(0).to(tl.int64)
         a_row = a_ptr + row * stride_a
@@ -156,31 +158,31 @@ if triton is not None:
 
     @triton.jit
     def _grads_kernel(
-        a_ptr: Any,
-        b_ptr: Any,
-        grad_a_ptr: Any,
-        grad_b_ptr: Any,
-        lse_a_ptr: Any,
-        lse_b_ptr: Any,
-        kl_ptr: Any,
-        ent_ptr: Any,
-        grad_kl_ptr: Any,
-        grad_ent_ptr: Any,
-        grad_logp_ptr: Any,
-        grad_logq_ptr: Any,
-        token_cols_ptr: Any,
-        cols: Any,
-        stride_a: Any,
-        stride_b: Any,
-        temperature: Any,
-        inv_t: Any,
+        a_ptr,
+        b_ptr,
+        grad_a_ptr,
+        grad_b_ptr,
+        lse_a_ptr,
+        lse_b_ptr,
+        kl_ptr,
+        ent_ptr,
+        grad_kl_ptr,
+        grad_ent_ptr,
+        grad_logp_ptr,
+        grad_logq_ptr,
+        token_cols_ptr,
+        cols,
+        stride_a,
+        stride_b,
+        temperature,
+        inv_t,
         HAS_B: tl.constexpr,
         HAS_KL: tl.constexpr,
         HAS_ENT: tl.constexpr,
         HAS_LOGP: tl.constexpr,
         HAS_LOGQ: tl.constexpr,
         BLOCK: tl.constexpr,
-    ) -> None:
+    ):
         """Gradients of one row with respect to the raw logits, one pass, P and Q recomputed from the lse."""
         row = tl.program_id(0).to(tl.int64)
         lse_a = tl.load(lse_a_ptr + row)
