@@ -35,9 +35,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 # widest column tile; a row is walked in tiles of min(next_pow2(cols), MAX_BLOCK) columns
 MAX_BLOCK = 2048
-# |d| below which exp(d) - 1 - d is a Taylor polynomial (truncation < 1e-10 relative at |d| = 0.5); above it
-# exp(d) - 1 - d loses < 1e-6 relative to cancellation
-_SERIES_BELOW = 0.5
 
 
 def _block(cols: int) -> int:
@@ -55,6 +52,7 @@ if triton is not None:
     @triton.jit
     def _exp_gap(d):
         """``exp(d) - 1 - d >= 0`` in fp32, accurate for small ``|d|`` (Triton has no portable expm1)."""
+        # below |d| = 0.5 a Taylor polynomial (truncation < 1e-10 relative at 0.5); above, the plain subtraction
         small = tl.abs(d) < 0.5
         ds = tl.where(small, d, 0.0)
         # Horner form of d^2 (1/2! + d/3! + ... + d^8/10!): no cancellation near d = 0
@@ -81,7 +79,7 @@ if triton is not None:
 
     @triton.jit
     def _online_lse(x_ptr, cols, temperature, BLOCK: tl.constexpr):
-        """Pass 1 over one row: ``(m, log s, lse, has_nan)`` with ``s = sum exp(x - m)``, online across tiles."""
+        """Pass 1 over one row: ``(m, s, log s, lse, has_nan)``, ``s = sum exp(x - m)``, online across tiles."""
         m = float("-inf")
         s = 0.0
         nans = 0
@@ -99,7 +97,7 @@ if triton is not None:
         log_s = tl.log(s)
         # +inf logits report lse = +inf (their sums are NaN); a row without mass has log s = -inf, lse = -inf
         lse = tl.where(m == float("inf"), m, m_safe + log_s)
-        return m_safe, log_s, lse, nans > 0
+        return m_safe, s, log_s, lse, nans > 0
 
     @triton.jit
     def _leaf_kernel(
@@ -118,11 +116,11 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         a_row = a_ptr + row * stride_a
         # the logits are divided by T, as the eager a.to(fp32) / T does
-        ma, log_sa, la, nan_a = _online_lse(a_row, cols, temperature, BLOCK)
+        ma, sa, log_sa, la, nan_a = _online_lse(a_row, cols, temperature, BLOCK)
         ent = 0.0
         if HAS_B:
             b_row = b_ptr + row * stride_b
-            mb, log_sb, lb, nan_b = _online_lse(b_row, cols, temperature, BLOCK)
+            mb, sb, log_sb, lb, nan_b = _online_lse(b_row, cols, temperature, BLOCK)
             kl = 0.0
             outside = 0.0
         for start in range(0, cols, BLOCK):
@@ -133,7 +131,7 @@ if triton is not None:
             ea = tl.exp(shifted_a)
             # P = exp(a - m) / s, the eager split; a row without mass gets log P = -inf, P = 0
             log_p = tl.where(log_sa == float("-inf"), float("-inf"), shifted_a - log_sa)
-            p = ea / tl.where(log_sa == float("-inf"), 1.0, tl.exp(log_sa))
+            p = ea / tl.where(sa == 0.0, 1.0, sa)
             # 0 log 0 = 0: `where` keeps out the NaN of 0 * -inf (a NaN input still gets through)
             ent -= tl.sum(tl.where(ea == 0.0, 0.0, p * log_p), axis=0)
             if HAS_B:
@@ -152,7 +150,7 @@ if triton is not None:
         tl.store(out_ptr + rows + row, ent)
         if HAS_B:
             lb = tl.where(nan_b, float("nan"), lb)
-            kl += outside / tl.where(log_sb == float("-inf"), 1.0, tl.exp(log_sb))
+            kl += outside / tl.where(sb == 0.0, 1.0, sb)
             tl.store(out_ptr + 2 * rows + row, lb)
             tl.store(out_ptr + 3 * rows + row, kl)
 
