@@ -22,6 +22,7 @@ import dataclasses
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -213,6 +214,7 @@ def run_on_ray(
     use_gpu: bool = False,
     cpus_per_worker: float = 1.0,
     storage_path: str | None = None,
+    startup_timeout_s: float | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the experiment of :func:`shardkl.experiment.run_rank` on ``num_workers`` Ray Train workers.
@@ -221,13 +223,20 @@ def run_on_ray(
     shard; the process group is gloo on CPU workers and NCCL with ``use_gpu`` (``config.backend`` may name it
     explicitly). ``FailureConfig(max_failures=0)``: a failure is reported, not retried.
 
+    ``num_workers=0`` is Ray Train's local mode: no Ray cluster, :func:`train_loop_per_worker` runs in this
+    process, and under ``torchrun`` Ray Train creates the process group from torchrun's environment (every
+    torchrun rank calls this function and gets the result). There is no progress board or driver deadline then;
+    collectives use torch's default timeout.
+
     Args:
-        config: the experiment; ``config.timeout_s`` bounds every stage of the job (worker start-up, the
-            computation): collectives time out after 80% of it, the driver gives up after all of it.
-        num_workers: Ray Train workers, one vocabulary shard each.
+        config: the experiment; ``config.timeout_s`` bounds the computation once the workers are up:
+            collectives time out after 80% of it, the driver gives up after all of it.
+        num_workers: Ray Train workers, one vocabulary shard each; 0 for local mode (see above).
         use_gpu: one GPU per worker and NCCL.
         cpus_per_worker: CPUs reserved per worker.
         storage_path: Ray Train's run storage (default: a temporary directory, removed afterwards).
+        startup_timeout_s: how long the workers may take to start, e.g. while the cluster scales up (default: the
+            larger of 120 s and ``config.timeout_s``).
         log: called with one progress line per stage (default: print to stderr).
 
     Returns:
@@ -242,15 +251,17 @@ def run_on_ray(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     backend = config.backend if config.backend != "auto" else ("nccl" if use_gpu else "gloo")
     if backend == "nccl" and not use_gpu:
         raise ValueError("backend nccl needs GPU workers (use_gpu=True)")
     test_kill = _parse_test_kill(os.environ.get(TEST_KILL_ENV, ""))
+    startup_limit = startup_timeout_s if startup_timeout_s is not None else max(120.0, config.timeout_s)
     say = log or (lambda message: print(f"[shardkl] {message}", file=sys.stderr, flush=True))
 
-    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+    local_mode = num_workers == 0
+    board = None if local_mode else ray.remote(num_cpus=0)(ProgressBoard).remote()
     resources = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
     own_storage = storage_path is None
     storage = storage_path or tempfile.mkdtemp(prefix="shardkl-ray-")
@@ -271,6 +282,12 @@ def run_on_ray(
         # collectives time out first, so that the rank that saw the timeout reports it before the driver's deadline
         torch_config=TorchConfig(backend=backend, timeout_s=max(1, math.floor(0.8 * config.timeout_s))),
     )
+    if local_mode:
+        try:
+            return trainer.fit().return_value
+        finally:
+            if own_storage:
+                shutil.rmtree(storage, ignore_errors=True)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -299,10 +316,18 @@ def run_on_ray(
                     shown.add(stage)
                     stage_start = time.monotonic()
                     say(f"{label} ({num_workers}/{num_workers}) after {stage_start - start:.1f} s")
-            if thread.is_alive() and time.monotonic() - stage_start > config.timeout_s:
+            started = "ready" in shown
+            limit = config.timeout_s if started else startup_limit
+            if thread.is_alive() and time.monotonic() - stage_start > limit:
                 behind = [r for r in range(num_workers) if r not in workers or workers[r]["stage"] != "done"]
+                if not started:
+                    raise RayJobError(
+                        f"workers did not start within {limit:g} s: rank(s) "
+                        f"{', '.join(str(r) for r in range(num_workers) if r not in workers)} not ready "
+                        f"(asked for {num_workers} x {resources}; available: {ray.available_resources()})"
+                    )
                 raise RayJobError(
-                    f"timed out after {config.timeout_s:g} s: no progress from rank(s) "
+                    f"timed out after {limit:g} s: no progress from rank(s) "
                     f"{', '.join(map(str, behind))} ({_stages(workers, num_workers)})"
                 )
         if "error" in outcome:
@@ -321,6 +346,4 @@ def run_on_ray(
     finally:
         ray.kill(board)
         if own_storage and not thread.is_alive():
-            import shutil
-
             shutil.rmtree(storage, ignore_errors=True)
