@@ -194,3 +194,26 @@ def test_kl_stats_on_worker_matches_float64_reference(ray_actors: list[Any], dty
     assert set(per_worker[0]) == {"exact_kl", "entropy", "p_logprobs", "q_logprobs", "k1", "k2", "k3"}
     log_ratio = per_worker[0]["q_logprobs"] - per_worker[0]["p_logprobs"]
     np.testing.assert_allclose(per_worker[0]["k1"], -log_ratio, rtol=1e-6, atol=1e-12)
+
+
+# -- the driver's one-line error, from Ray Train's exceptions (no Ray start) -----------------------------------
+
+
+def test_failure_line_puts_the_dead_rank_first_and_names_silent_ranks() -> None:
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    from shardkl.integrations.ray import _describe_failure
+
+    died = WorkerHealthCheckFailedError(
+        "A worker health check failed.",
+        failure=RuntimeError("The actor died.\nWorker exit type: SYSTEM_ERROR Worker exit detail: Killed by signal. "
+                             "Some common causes include: OOM"),
+    )
+    peer = RuntimeError("[gloo/pair.cc:553] Connection closed by peer [127.0.0.1]:8618.\nmore")
+    line = _describe_failure(WorkerGroupError("...", {0: peer, 2: died}), {}, 4)
+    assert line == (
+        "rank 2 died: worker process exited unexpectedly (Killed by signal); then rank 0 raised RuntimeError: "
+        "[gloo/pair.cc:553] Connection closed by peer [127.0.0.1]:8618.; then no error from rank(s) 1, 3 "
+        "(hung, or stopped by Ray)"
+    )
