@@ -245,7 +245,9 @@ def run_on_ray(
     Raises:
         ValueError: a bad argument or test hook, before anything starts.
         RayJobError: a worker died, raised or timed out; one line naming the rank(s) and the cause, raised
-            within about ``config.timeout_s`` of the stage that failed.
+            within about ``config.timeout_s`` of the stage that failed. When the driver's own deadline fires, the
+            abandoned Ray Train run is only stopped by ``ray.shutdown()`` or the driver's exit (as the launcher
+            does).
     """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -345,5 +347,5 @@ def run_on_ray(
         return result
     finally:
         ray.kill(board)
-        if own_storage and not thread.is_alive():
+        if own_storage:  # also after a driver timeout: the run is abandoned, nothing in it is needed
             shutil.rmtree(storage, ignore_errors=True)
