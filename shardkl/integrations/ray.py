@@ -31,15 +31,17 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from shardkl.config import ExperimentConfig
 from shardkl.distributed import ProcessGroup
 from shardkl.experiment import run_rank
 from shardkl.functional import kl_stats
+
+if TYPE_CHECKING:
+    import numpy as np
 
 STAGES = ("ready", "computing", "done")
 """Stages a worker reports, in order: process group up, computing, finished."""
