@@ -111,7 +111,7 @@ def _parse_test_kill(value: str) -> tuple[int, str, str] | None:
     if not value:
         return None
     parts = value.split(":")
-    if len(parts) not in (2, 3) or not parts[0].isdigit() or parts[1] not in STAGES[:2]:
+    if len(parts) < 2 or not parts[0].isdigit() or parts[1] not in STAGES[:2] or parts[2:] not in ([], ["hang"]):
         raise ValueError(f"{TEST_KILL_ENV} must be RANK:STAGE[:hang] with STAGE in ready|computing, got {value!r}")
     return int(parts[0]), parts[1], parts[2] if len(parts) == 3 else "kill"
 
@@ -122,7 +122,7 @@ def _reach(stage: str, rank: int, board: Any, test_kill: tuple[int, str, str] | 
         import ray
 
         ray.get(board.mark.remote(rank, stage, os.getpid(), socket.gethostname()), timeout=30)
-    if test_kill is not None and test_kill[:2] == (rank, stage):
+    if test_kill is not None and tuple(test_kill[:2]) == (rank, stage):
         if test_kill[2] == "hang":
             time.sleep(10**6)
         os.kill(os.getpid(), signal.SIGKILL)
