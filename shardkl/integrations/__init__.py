@@ -1,8 +1,11 @@
-"""Front doors for the tensor types and process-group conventions of training frameworks.
+"""Integrations of shardkl with other stacks; each imports its third-party dependency lazily.
 
-``dtensor``: ``torch.distributed.tensor.DTensor`` logits sharded on the vocabulary (the group comes from the mesh).
-Megatron-core and Ray need no adapter: pass the trainer's own tensor-parallel ``ProcessGroup`` as ``group=``
-(see ``docs/trainer.md``); shardkl keeps no global parallel state.
+- :mod:`shardkl.integrations.dtensor`: ``torch.distributed.tensor.DTensor`` logits sharded on the vocabulary (the
+  group comes from the mesh).
+- :mod:`shardkl.integrations.ray`: Ray Train jobs and an API for existing Ray worker groups.
+
+Megatron-core needs no adapter: pass the trainer's own tensor-parallel ``ProcessGroup`` as ``group=`` (README: "Use
+inside your trainer"); shardkl keeps no global parallel state.
 """
 
 from __future__ import annotations
