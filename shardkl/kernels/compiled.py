@@ -1,8 +1,11 @@
 """The engine's chunk math through ``torch.compile`` (inductor): the eager functions of ``shardkl._stats``,
 fused into a few loops that read each input element from memory once per pass.
 
-The temperature travels as a 0-d tensor and the shapes are dynamic, so one graph serves every chunk shape
-and temperature; a new graph is built only per input dtype and per set of present arguments (a handful).
+Only the number of rows is dynamic: inductor does not vectorise a reduction over a dynamic vocabulary width on
+CPU (measured 3-9x slower), so each vocabulary chunk width, input dtype and set of present arguments is its own
+graph (a handful in practice). The temperature travels as a 0-d tensor, so it never causes a recompile.
+Dynamo's default limit of 8 graphs per function would silently run later ones uncompiled; the limit is raised
+and hitting it raises (``impl="auto"`` then falls back to eager with its one warning).
 """
 
 from __future__ import annotations
@@ -51,10 +54,19 @@ def _grads(
     return grad_a * inv_t, None if grad_b is None else grad_b * inv_t
 
 
+_LIMITS: dict[str, Any] = {"recompile_limit": 128, "fail_on_recompile_limit_hit": True}
+
+
 @functools.cache
 def _compiled() -> tuple[Any, Any]:
-    # dynamic shapes: one graph for every chunk shape (rows and columns vary between chunks and calls)
-    return torch.compile(_leaf, dynamic=True), torch.compile(_grads, dynamic=True)
+    return torch.compile(_leaf, dynamic=False), torch.compile(_grads, dynamic=False)
+
+
+def _rows_dynamic(*tensors: Tensor | None) -> None:
+    for t in tensors:
+        if t is not None:
+            # the row count varies between chunks and calls; maybe_: a 1-row chunk is specialised, not an error
+            torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
 def _inv_t(temperature: float, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -63,13 +75,26 @@ def _inv_t(temperature: float, dtype: torch.dtype, device: torch.device) -> Tens
 
 def leaf(a: Tensor, b: Tensor | None, temperature: float, dtype: torch.dtype) -> Tensor:
     """Leaf stats of one raw chunk, compiled."""
-    return _compiled()[0](a, b, _inv_t(temperature, dtype, a.device), dtype)
+    # detached: requires_grad would be one more guard, and one more graph, per family
+    a, b = a.detach(), None if b is None else b.detach()
+    _rows_dynamic(a, b)
+    with torch._dynamo.config.patch(_LIMITS):
+        return _compiled()[0](a, b, _inv_t(temperature, dtype, a.device), dtype)
 
 
 def grads(
     a: Tensor, b: Tensor | None, temperature: float, dtype: torch.dtype, **saved: Any
 ) -> tuple[Tensor, Tensor | None]:
     """Gradients of one raw chunk with respect to the raw logits (``1/T`` applied), compiled."""
+    a, b = a.detach(), None if b is None else b.detach()
+    _rows_dynamic(a, b, *saved.values())
+    with torch._dynamo.config.patch(_LIMITS):
+        return _grads_call(a, b, temperature, dtype, saved)
+
+
+def _grads_call(
+    a: Tensor, b: Tensor | None, temperature: float, dtype: torch.dtype, saved: dict[str, Any]
+) -> tuple[Tensor, Tensor | None]:
     return _compiled()[1](
         a,
         b,
