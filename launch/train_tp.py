@@ -8,13 +8,13 @@ re-runs the same steps on each process alone and reports the largest differences
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,29 +22,33 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from shardkl.config import ConfigError, load_config
+from shardkl.config import parse_args as config_args
 from shardkl.tp import TPConfig, parity_report, train
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+
+@dataclass(frozen=True)
+class LaunchArgs:
+    """Flags of this launcher that are not TPConfig fields."""
+
+    json: Path | None
+    verify: bool
+    backend: str
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[TPConfig, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, help="TOML file with TPConfig fields")
-    parser.add_argument("--json", type=Path, help="write the results here (rank 0)")
-    parser.add_argument("--verify", action="store_true", help="compare with a one-process run of the same steps")
-    parser.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto")
-    for field in dataclasses.fields(TPConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=None)
-    args = parser.parse_args(argv)
-    values: dict[str, Any] = {}
-    if args.config is not None:
-        values.update(tomllib.loads(args.config.read_text()))
-    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TPConfig) if getattr(args, f.name)
-                   is not None})
-    return TPConfig(**values), args
+def parse_args(argv: list[str]) -> tuple[TPConfig, LaunchArgs]:
+    """TPConfig from defaults < ``--config FILE.toml`` < ``--key value``, plus ``--json``, ``--verify``,
+    ``--backend``. Raises :class:`shardkl.config.ConfigError` with one line for any problem."""
+    verify = "--verify" in argv
+    path, overrides, extra = config_args(TPConfig, [a for a in argv if a != "--verify"])
+    json_path = extra.pop("json", None)
+    backend = extra.pop("backend", "auto")
+    if extra:
+        raise ConfigError(f"unknown option --{next(iter(extra)).replace('_', '-')}")
+    if backend not in ("auto", "gloo", "nccl"):
+        raise ConfigError(f"backend must be one of auto, gloo, nccl, got {backend!r}")
+    config = load_config(TPConfig, path, overrides)
+    return config, LaunchArgs(json=None if json_path is None else Path(json_path), verify=verify, backend=backend)
 
 
 def init_distributed(backend: str) -> tuple[Any, str]:
@@ -59,7 +63,15 @@ def init_distributed(backend: str) -> tuple[Any, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        config, args = parse_args(argv)
+    except ConfigError as exc:
+        print(f"train_tp.py: error: {exc}", file=sys.stderr)
+        return 2
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     group, backend = init_distributed(args.backend)
     rank = dist.get_rank() if group is not None else 0

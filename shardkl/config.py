@@ -12,7 +12,7 @@ import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -73,9 +73,10 @@ class ExperimentConfig:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
 
-def _field_types(cls: type) -> dict[str, type]:
+def _field_types(cls: type) -> dict[str, Any]:
+    """Each field's type: a class, or a ``Literal[...]`` whose values are the allowed ones."""
     hints = get_type_hints(cls)
-    out: dict[str, type] = {}
+    out: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         t = hints[f.name]
         if get_origin(t) in (Union, types.UnionType):
@@ -84,8 +85,13 @@ def _field_types(cls: type) -> dict[str, type]:
     return out
 
 
-def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
+def _coerce(name: str, value: Any, kind: Any, source: str) -> Any:
     """Check or convert one value to the field's type; strings from the command line are parsed."""
+    if get_origin(kind) is Literal:
+        allowed = get_args(kind)
+        if value not in allowed:
+            raise ConfigError(f"{source}: {name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+        return value
     if isinstance(value, str) and kind is not str:
         try:
             return kind(value)

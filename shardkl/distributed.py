@@ -93,6 +93,25 @@ def all_gather_flat(local: Tensor, group: ProcessGroup | None, *, what: str = "t
     return out.view(world, local.numel())
 
 
+def argmax_over_ranks(best: Tensor, best_id: Tensor, group: ProcessGroup | None) -> Tensor:
+    """Global argmax from each rank's local ``(max value, global id)``: the first maximum in rank order.
+
+    Args:
+        best: float64 local maxima, any shape, the same on every rank.
+        best_id: float64 global ids of the local maxima (exact below 2**53), shaped like ``best``.
+        group: process group the vocabulary is split over.
+
+    Returns:
+        int64 ids shaped like ``best``, identical on every rank (a tie goes to the lowest rank, so to the lowest
+        id, as in one full-vocabulary ``argmax``).
+    """
+    n = best.numel()
+    # One all-gather of (local max, its global id); every rank then picks the same winner.
+    gathered = all_gather_flat(torch.cat([best.reshape(-1), best_id.reshape(-1)]), group, what="sampled tokens")
+    winner = gathered[:, :n].argmax(dim=0, keepdim=True)
+    return gathered[:, n:].gather(0, winner).reshape(best.shape).long()
+
+
 # Vocabulary offsets learned from earlier calls, keyed by group. Only a hint: every call re-checks the
 # offsets against the gathered local sizes and repeats the token part with the right ones on a miss.
 _SIZES_BY_GROUP: dict[int, tuple[int, ...]] = {}

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from shardkl.distributed import ProcessGroup, all_gather_flat
+from shardkl.distributed import ProcessGroup, argmax_over_ranks
 
 BLOCK = 1024
 
@@ -100,10 +100,4 @@ def gumbel_max_sample(
             better = value.double() > best[s]  # strict: the lowest id wins a tie, as in one full argmax
             best[s] = torch.where(better, value.double(), best[s])
             best_id[s] = torch.where(better, (index + lo).double(), best_id[s])
-    # One all-gather of (max score, global id) per draw; every rank then takes the first maximum in rank order.
-    gathered = all_gather_flat(torch.cat([best.reshape(-1), best_id.reshape(-1)]), group)
-    world = gathered.shape[0]
-    values = gathered[:, : samples * rows].reshape(world, samples, rows)
-    ids = gathered[:, samples * rows :].reshape(world, samples, rows)
-    winner = values.argmax(dim=0, keepdim=True)
-    return ids.gather(0, winner).squeeze(0).long()
+    return argmax_over_ranks(best, best_id, group)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from shardkl.distributed import ProcessGroup, all_gather_flat, rank_and_size
+from shardkl.distributed import ProcessGroup, argmax_over_ranks, rank_and_size
 from shardkl.losses import PenaltyKind, grpo_loss
 from shardkl.reduction import Reduction
 
@@ -190,12 +190,7 @@ def sample_tokens(local_logits: Tensor, noise: Tensor, *, vocab_start: int, vali
     ids = torch.arange(vocab_start, vocab_start + local, device=scores.device)
     scores = scores.masked_fill(ids >= valid_vocab_size, float("-inf"))
     best, where = scores.max(dim=-1)
-    # One gather of (best score, its global id) per row; every rank then picks the same winner.
-    gathered = all_gather_flat(torch.cat([best, (where + vocab_start).double()]), group)
-    rows = local_logits.shape[0]
-    best_all, ids_all = gathered[:, :rows], gathered[:, rows:]
-    winner = best_all.argmax(dim=0)
-    return ids_all.gather(0, winner.unsqueeze(0)).squeeze(0).long()
+    return argmax_over_ranks(best, (where + vocab_start).double(), group)
 
 
 def parity_report(

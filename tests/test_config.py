@@ -59,3 +59,12 @@ def test_missing_file_and_malformed_arguments() -> None:
         parse_args(ExperimentConfig, ["--delta"])
     with pytest.raises(ConfigError, match="unexpected argument"):
         parse_args(ExperimentConfig, ["delta", "3"])
+
+
+def test_literal_fields_are_checked_against_their_values() -> None:
+    from shardkl.tp import TPConfig
+
+    config = load_config(TPConfig, None, {"kind": "k3", "steps": "4", "reduction": "seq_mean_token_sum_norm"})
+    assert (config.kind, config.steps, config.reduction) == ("k3", 4, "seq_mean_token_sum_norm")
+    with pytest.raises(ConfigError, match="kind must be one of exact, k1"):
+        load_config(TPConfig, None, {"kind": "k9"})
