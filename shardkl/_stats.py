@@ -30,7 +30,7 @@ def num_stats(two_inputs: bool) -> int:
     return 4 if two_inputs else 2
 
 
-def _finite_or_zero(x: Tensor) -> Tensor:
+def _no_mass_to_zero(x: Tensor) -> Tensor:
     # A group with no mass has lse = -inf; subtracting it would give -inf - -inf = NaN. Its terms are all
     # guarded to 0 below, so any finite stand-in works. NaN and +inf (invalid logits) pass through as NaN.
     return torch.where(x == float("-inf"), torch.zeros((), dtype=x.dtype, device=x.device), x)
@@ -71,7 +71,7 @@ def _softmax_parts(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     ``+inf`` gets ``lse = +inf`` (so it can be reported) and NaN elsewhere.
     """
     m = torch.amax(x, dim=-1, keepdim=True)
-    m_safe = _finite_or_zero(m)
+    m_safe = _no_mass_to_zero(m)
     shifted = x - m_safe
     e = torch.exp(shifted)
     s = e.sum(dim=-1, keepdim=True)
@@ -123,7 +123,7 @@ def merge_stats(stats: Tensor) -> Tensor:
     la_i = stats[:, LA]
     la = torch.logsumexp(la_i, dim=0)
     # log of the share of P's mass in each group; -inf for a group without mass
-    log_wa = la_i - _finite_or_zero(la)
+    log_wa = la_i - _no_mass_to_zero(la)
     wa = torch.exp(log_wa)
     zero = torch.zeros((), dtype=stats.dtype, device=stats.device)
     ent = torch.where(wa == 0, zero, wa * (stats[:, ENT] - log_wa)).sum(dim=0)
@@ -131,7 +131,7 @@ def merge_stats(stats: Tensor) -> Tensor:
         return torch.stack((la, ent))
     lb_i = stats[:, LB]
     lb = torch.logsumexp(lb_i, dim=0)
-    log_wb = lb_i - _finite_or_zero(lb)
+    log_wb = lb_i - _no_mass_to_zero(lb)
     # chain rule: KL = sum_i [w_i (KL_i + g(log w_i - log v_i))], and v_i for a group where P has no mass;
     # P mass in a group where Q has none gives +inf
     kl = torch.where(wa == 0, torch.exp(log_wb), wa * (stats[:, KL] + kl_gap(log_wa - log_wb))).sum(dim=0)
@@ -170,7 +170,7 @@ def chunk_grads(
         ``(grad_a, grad_b)`` in the compute dtype; ``grad_b`` is ``None`` when ``b`` is.
     """
     zero = torch.zeros((), dtype=a.dtype, device=a.device)
-    log_p = a - _finite_or_zero(lse_a).unsqueeze(-1)
+    log_p = a - _no_mass_to_zero(lse_a).unsqueeze(-1)
     p = torch.exp(log_p)
     grad_a = torch.zeros_like(a)
     grad_b = None if b is None else torch.zeros_like(b)
@@ -184,7 +184,7 @@ def chunk_grads(
     if grad_logp is not None and one_hot is not None:
         grad_a += grad_logp.unsqueeze(-1) * (one_hot - p)
     if b is not None and grad_b is not None and lse_b is not None:
-        log_q = b - _finite_or_zero(lse_b).unsqueeze(-1)
+        log_q = b - _no_mass_to_zero(lse_b).unsqueeze(-1)
         q = torch.exp(log_q)
         if grad_kl is not None and kl is not None:
             g = grad_kl.unsqueeze(-1)

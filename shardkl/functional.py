@@ -106,6 +106,25 @@ def _options(vocab_size: object, validate: object, nan_policy: object, impl: obj
     return EngineOptions(validate=validate, nan_policy=str(nan_policy), vocab_size=vocab_size, impl=str(impl))
 
 
+def _checked_kl_stats(
+    p: Tensor,
+    q: Tensor | None,
+    t: Tensor | None,
+    group: ProcessGroup | None,
+    temperature: float,
+    options: EngineOptions,
+) -> KLStats:
+    """:func:`kl_stats` on inputs that the public function has already unwrapped and checked."""
+    if q is None:
+        raise TypeError("q_logits must be a torch.Tensor, got None")
+    kl, ent, logp, logq = ShardedStatsFunction.apply(p, q, t, group, float(temperature), options)
+    if t is None:
+        return KLStats(kl, ent, None, None, None, None, None)
+    return KLStats(
+        kl, ent, logp, logq, estimators.k1(logp, logq), estimators.k2(logp, logq), estimators.k3(logp, logq)
+    )
+
+
 def kl_stats(
     p_logits: Tensor,
     q_logits: Tensor,
@@ -152,12 +171,7 @@ def kl_stats(
     )
     p, q, t = _check_inputs(p_logits, q_logits, tokens, temperature)
     options = _options(vocab_size, validate, nan_policy, impl)
-    kl, ent, logp, logq = ShardedStatsFunction.apply(p, q, t, group, float(temperature), options)
-    if t is None:
-        return KLStats(kl, ent, None, None, None, None, None)
-    return KLStats(
-        kl, ent, logp, logq, estimators.k1(logp, logq), estimators.k2(logp, logq), estimators.k3(logp, logq)
-    )
+    return _checked_kl_stats(p, q, t, group, temperature, options)
 
 
 def exact_kl(
@@ -193,18 +207,10 @@ def exact_kl(
     p_logits, q_logits, _, mask, group = local_inputs(
         p_logits, q_logits, None, mask, group=group, valid_vocab_size=valid_vocab_size
     )
-    p, _, _ = _check_inputs(p_logits, q_logits, None, temperature)
+    p, q, _ = _check_inputs(p_logits, q_logits, None, temperature)
     check_mask(mask, p.shape[:-1])
-    kl = kl_stats(
-        p,
-        q_logits,
-        group=group,
-        temperature=temperature,
-        vocab_size=vocab_size,
-        validate=validate,
-        nan_policy=nan_policy,
-        impl=impl,
-    ).exact_kl
+    options = _options(vocab_size, validate, nan_policy, impl)
+    kl = _checked_kl_stats(p, q, None, group, temperature, options).exact_kl
     return reduce_tokens(kl, mask, reduction=reduction)
 
 
@@ -243,19 +249,10 @@ def sampled_kl(
     p_logits, q_logits, tokens, mask, group = local_inputs(
         p_logits, q_logits, tokens, mask, group=group, valid_vocab_size=valid_vocab_size
     )
-    p, _, t = _check_inputs(p_logits, q_logits, tokens, temperature)
+    p, q, t = _check_inputs(p_logits, q_logits, tokens, temperature)
     check_mask(mask, p.shape[:-1])
-    stats = kl_stats(
-        p,
-        q_logits,
-        t,
-        group=group,
-        temperature=temperature,
-        vocab_size=vocab_size,
-        validate=validate,
-        nan_policy=nan_policy,
-        impl=impl,
-    )
+    options = _options(vocab_size, validate, nan_policy, impl)
+    stats = _checked_kl_stats(p, q, t, group, temperature, options)
     values = {"k1": stats.k1, "k2": stats.k2, "k3": stats.k3}[estimator]
     assert values is not None
     return reduce_tokens(values, mask, reduction=reduction)
