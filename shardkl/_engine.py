@@ -24,13 +24,8 @@ from shardkl.distributed import (
     remember_vocab_sizes,
     vocab_start_hint,
 )
-from shardkl.kernels import Kernels, scaled
+from shardkl.kernels import GradInputs, Kernels, scaled
 
-# Elements per chunk: the fp32 temporaries of one chunk are ~1 MiB each, so the extra memory of a call
-# is O(tokens) plus a few MiB, whatever the vocabulary.
-CHUNK_ELEMENTS = 1 << 18
-# Widest vocabulary chunk; wider rows are split and merged with the stats monoid.
-MAX_VOCAB_CHUNK = 1 << 15
 
 def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     """float64 if any input is float64, else float32 (half inputs are computed in fp32)."""
@@ -52,36 +47,32 @@ def _row_blocks(a: Tensor, b: Tensor | None, row0: int = 0) -> Iterator[tuple[in
     yield row0, a2, b2
 
 
-def _chunks(rows: int, vocab: int) -> Iterator[tuple[slice, list[slice]]]:
-    vocab_chunk = max(1, min(vocab, MAX_VOCAB_CHUNK, CHUNK_ELEMENTS))
-    rows_chunk = max(1, CHUNK_ELEMENTS // vocab_chunk)
-    col_slices = [slice(c, min(c + vocab_chunk, vocab)) for c in range(0, vocab, vocab_chunk)]
-    for r in range(0, rows, rows_chunk):
-        yield slice(r, min(r + rows_chunk, rows)), col_slices
-
-
 def local_stats(
-    a: Tensor, b: Tensor | None, temperature: float, dtype: torch.dtype, impl: Kernels = kernels.EAGER
+    a: Tensor,
+    b: Tensor | None,
+    temperature: float,
+    dtype: torch.dtype,
+    impl: Kernels | None = None,
+    *,
+    entropy: bool = True,
 ) -> Tensor:
     """Per-token stats of this rank's vocabulary slice, ``[num_stats, rows]``."""
+    impl = kernels.resolve("eager", a.device, 0) if impl is None else impl
     vocab = a.shape[-1]
     rows = a.numel() // vocab if vocab else int(torch.tensor(a.shape[:-1]).prod())
-    out = torch.empty(_stats.num_stats(b is not None), rows, dtype=dtype, device=a.device)
-    if vocab == 0:
+    if vocab == 0 or rows == 0:
         # an empty shard is the identity of the merge: no mass, zero entropy and KL
-        out.zero_()
+        out = torch.zeros(_stats.num_stats(b is not None), rows, dtype=dtype, device=a.device)
         out[_stats.LA] = float("-inf")
         if b is not None:
             out[_stats.LB] = float("-inf")
         return out
-    for row0, a2, b2 in _row_blocks(a, b):
-        for rs, col_slices in _chunks(a2.shape[0], vocab):
-            leaves = [
-                impl.leaf(a2[rs, cs], None if b2 is None else b2[rs, cs], temperature, dtype) for cs in col_slices
-            ]
-            merged = leaves[0] if len(leaves) == 1 else _stats.merge_stats(torch.stack(leaves))
-            out[:, row0 + rs.start : row0 + rs.stop] = merged
-    return out
+    blocks = list(_row_blocks(a, b))
+    if len(blocks) == 1:
+        return impl.stats(blocks[0][1], blocks[0][2], temperature=temperature, dtype=dtype, entropy=entropy)
+    return torch.cat(
+        [impl.stats(a2, b2, temperature=temperature, dtype=dtype, entropy=entropy) for _, a2, b2 in blocks], dim=1
+    )
 
 
 def _token_logits(x: Tensor, local_tokens: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
@@ -232,38 +223,24 @@ class ShardedStatsFunction(torch.autograd.Function):
                 if grad is not None:
                     grad.zero_()
             return (grad_a, grad_b, None, None, None, None)
+        local_tokens = None if tokens is None else tokens - ctx.start
+        held = None
+        if local_tokens is not None:
+            inside = (local_tokens >= 0) & (local_tokens < vocab)
+            held = torch.where(inside, local_tokens, torch.full_like(local_tokens, -1))
+        inputs = GradInputs(lse_a, lse_b, kl, ent, grad_kl, grad_ent, grad_logp, grad_logq, held)
+        # grad_a / grad_b are fresh contiguous tensors, so their 2-D views line up with every row block of a
         ga2 = None if grad_a is None else grad_a.view(-1, vocab)
         gb2 = None if grad_b is None else grad_b.view(-1, vocab)
-        local_tokens = None if tokens is None else tokens - ctx.start
         for row0, a2, b2 in _row_blocks(a, b):
-            for rs, col_slices in _chunks(a2.shape[0], vocab):
-                g = slice(row0 + rs.start, row0 + rs.stop)
-
-                def pick(x: Tensor | None, g: slice = g) -> Tensor | None:
-                    return None if x is None else x[g]
-
-                for cs in col_slices:
-                    cols = None
-                    if local_tokens is not None:
-                        lt = local_tokens[g] - cs.start
-                        cols = torch.where((lt >= 0) & (lt < cs.stop - cs.start), lt, torch.full_like(lt, -1))
-                    da, db = ctx.kernels.grads(
-                        a2[rs, cs],
-                        None if b2 is None else b2[rs, cs],
-                        ctx.temperature,
-                        ctx.dtype,
-                        lse_a=lse_a[g],
-                        lse_b=pick(lse_b),
-                        kl=pick(kl),
-                        ent=ent[g],
-                        grad_kl=pick(grad_kl),
-                        grad_ent=pick(grad_ent),
-                        grad_logp=pick(grad_logp),
-                        grad_logq=pick(grad_logq),
-                        token_cols=cols,
-                    )
-                    if ga2 is not None:
-                        ga2[g, cs] = da
-                    if db is not None and gb2 is not None:
-                        gb2[g, cs] = db
+            rs = slice(row0, row0 + a2.shape[0])
+            ctx.kernels.grads(
+                a2,
+                b2,
+                temperature=ctx.temperature,
+                dtype=ctx.dtype,
+                inputs=inputs.rows(rs),
+                grad_a=None if ga2 is None else ga2[rs],
+                grad_b=None if gb2 is None else gb2[rs],
+            )
         return (grad_a, grad_b, None, None, None, None)

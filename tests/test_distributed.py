@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 
 import shardkl
-from shardkl import _engine
 from shardkl._validation import NUM_META
+from shardkl.kernels import eager
 from tests._distributed import local_slice, run_ranks, split_sizes
 from tests.reference import reference
 
@@ -31,7 +31,7 @@ def _weighted_loss(stats: dict[str, torch.Tensor], weights: torch.Tensor) -> tor
 
 
 def _check_values_and_gradients(rank: int, world: int, pattern: str) -> None:
-    _engine.CHUNK_ELEMENTS, _engine.MAX_VOCAB_CHUNK = 512, 128  # several chunks per shard
+    eager.CHUNK_ELEMENTS, eager.MAX_VOCAB_CHUNK = 512, 128  # several chunks per shard
     sizes = split_sizes(VOCAB, world, pattern)
     a, b, tokens, weights = _global_inputs()
     for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):

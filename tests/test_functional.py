@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import shardkl
-from shardkl import _engine
+from shardkl.kernels import eager
 from tests.reference import reference
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
@@ -24,8 +24,8 @@ def _logits(shape: tuple[int, ...], scale: float = 2.0, delta: float = 0.5, seed
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Force many row and vocabulary chunks so the in-rank merge is exercised."""
-    monkeypatch.setattr(_engine, "CHUNK_ELEMENTS", 96)
-    monkeypatch.setattr(_engine, "MAX_VOCAB_CHUNK", 40)
+    monkeypatch.setattr(eager, "CHUNK_ELEMENTS", 96)
+    monkeypatch.setattr(eager, "MAX_VOCAB_CHUNK", 40)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
@@ -33,8 +33,8 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("chunked", [False, True])
 def test_values_match_float64_reference(dtype, temperature, chunked, monkeypatch) -> None:
     if chunked:
-        monkeypatch.setattr(_engine, "CHUNK_ELEMENTS", 96)
-        monkeypatch.setattr(_engine, "MAX_VOCAB_CHUNK", 40)
+        monkeypatch.setattr(eager, "CHUNK_ELEMENTS", 96)
+        monkeypatch.setattr(eager, "MAX_VOCAB_CHUNK", 40)
     a, b = _logits((3, 7, 1003))
     a, b = a.to(dtype), b.to(dtype)
     tokens = torch.randint(0, 1003, (3, 7), generator=torch.Generator().manual_seed(1))

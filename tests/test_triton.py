@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 import shardkl  # noqa: E402
 from shardkl import _stats, kernels  # noqa: E402
-from shardkl.kernels import triton_kl  # noqa: E402
+from shardkl.kernels import eager, triton_kl  # noqa: E402
 
 if _previous is None:
     del os.environ["TRITON_INTERPRET"]
@@ -99,7 +99,7 @@ def test_leaf_matches_eager(shape, dtype, temperature, block, two_inputs) -> Non
         a, b = _edge_rows(a, b)
     bb = b if two_inputs else None
     got = triton_kl.leaf(a, bb, temperature, F32, block=block)
-    want = kernels.eager_leaf(a, bb, temperature, F32)
+    want = eager.leaf(a, bb, temperature, F32)
     assert got.shape == want.shape == (4 if two_inputs else 2, shape[0])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
     if shape[0] >= 5:
@@ -124,15 +124,15 @@ def test_leaf_merged_over_tiles_is_accurate_for_tiny_kl() -> None:
 def test_leaf_of_strided_chunks_and_fp64_fallback() -> None:
     a, b, _ = _case((300, 6), F32)
     a, b = a.t(), b.t()  # column stride != 1: copied per chunk
-    torch.testing.assert_close(triton_kl.leaf(a, b, 0.7, F32), kernels.eager_leaf(a, b, 0.7, F32))
+    torch.testing.assert_close(triton_kl.leaf(a, b, 0.7, F32), eager.leaf(a, b, 0.7, F32))
     a, b, _ = _case((5, 400), F32)
     view_a, view_b = a[1:4, 50:333], b[1:4, 50:333]  # row stride 400, 283 columns
     torch.testing.assert_close(
-        triton_kl.leaf(view_a, view_b, 1.0, F32, block=64), kernels.eager_leaf(view_a, view_b, 1.0, F32)
+        triton_kl.leaf(view_a, view_b, 1.0, F32, block=64), eager.leaf(view_a, view_b, 1.0, F32)
     )
     d = triton_kl.leaf(a.double(), b.double(), 1.0, torch.float64)
     assert d.dtype == torch.float64
-    torch.testing.assert_close(d, kernels.eager_leaf(a.double(), b.double(), 1.0, torch.float64))
+    torch.testing.assert_close(d, eager.leaf(a.double(), b.double(), 1.0, torch.float64))
 
 
 def _saved(a: torch.Tensor, b: torch.Tensor | None, tokens: torch.Tensor, temperature: float, present: str) -> dict:
@@ -176,7 +176,7 @@ def test_grads_match_eager(shape, dtype, temperature, block, present, two_inputs
     bb = b if two_inputs else None
     saved = _saved(a, bb, tokens, temperature, present)
     ga, gb = triton_kl.grads(a, bb, temperature, F32, block=block, **saved)
-    ea, eb = kernels.eager_grads(a, bb, temperature, F32, **saved)
+    ea, eb = eager.tile_grads(a, bb, temperature, F32, kernels.GradInputs(**saved))
     assert ga.dtype == F32 and ga.shape == a.shape
     torch.testing.assert_close(ga, ea, rtol=1e-5, atol=1e-7)
     if two_inputs:

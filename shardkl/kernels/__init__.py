@@ -1,17 +1,19 @@
-"""Per-chunk kernels of the engine, behind one ``impl=`` switch. No communication here.
+"""Kernels of the engine, behind one ``impl=`` switch. No communication here.
 
-Every implementation computes the same two things on one ``[rows, cols]`` chunk of raw logits (any float
-dtype, not yet divided by the temperature): the leaf stats of ``shardkl._stats`` (forward) and the chunk's
-gradients (backward). They share the math of ``shardkl._stats``; they differ in how it is executed:
+Every implementation computes the same two things on this rank's whole ``[rows, V_local]`` block of raw logits
+(any float dtype, not yet divided by the temperature), and **chooses its own tiling** to do so:
 
-- ``"eager"``: PyTorch ops, one kernel per op; works everywhere.
-- ``"compiled"``: the same functions through ``torch.compile`` (inductor: fused C++/OpenMP loops on CPU, Triton
-  on GPU), compiled once per dtype/arity with dynamic shapes, never per call.
-- ``"triton"``: a hand-written Triton kernel (``shardkl.kernels.triton_kl``) for CUDA, with an online merge of
-  the stats inside the kernel; runs on CPU only under ``TRITON_INTERPRET=1`` (for tests).
+- ``stats``: the per-token stats of :mod:`shardkl._stats` over the block (forward);
+- ``grads``: the block's gradients, written into caller-provided outputs (backward).
+
+Implementations:
+
+- ``"eager"`` (:mod:`shardkl.kernels.eager`): PyTorch ops on memory-bounded tiles; works everywhere.
+- ``"compiled"`` (:mod:`shardkl.kernels.compiled`): the same math through ``torch.compile`` (inductor).
+- ``"triton"`` (:mod:`shardkl.kernels.triton_kl`): hand-written Triton kernels for CUDA; on CPU only under
+  ``TRITON_INTERPRET=1`` (for tests).
 - ``"auto"``: ``"triton"`` on CUDA when Triton is installed, else ``"compiled"`` on CUDA; on CPU ``"compiled"``
-  for calls of at least ``AUTO_COMPILE_ELEMENTS`` logits (where the one-time compile pays off), else
-  ``"eager"``. A compiled path that fails to build falls back to eager with one warning.
+  for calls of at least ``AUTO_COMPILE_ELEMENTS`` logits (where the one-time compile pays off), else ``"eager"``.
 """
 
 from __future__ import annotations
@@ -19,12 +21,10 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
-
-from shardkl import _stats
 
 Impl = Literal["auto", "eager", "compiled", "triton"]
 IMPLS: tuple[str, ...] = get_args(Impl)
@@ -34,47 +34,53 @@ IMPLS: tuple[str, ...] = get_args(Impl)
 AUTO_COMPILE_ELEMENTS = 1 << 24
 
 
-def scaled(x: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
-    """``x`` in the compute dtype, divided by the temperature (no copy for fp32 input at T = 1)."""
-    x = x.to(dtype)
-    return x if temperature == 1.0 else x / temperature
+class GradInputs(NamedTuple):
+    """What the backward of one ``[rows, V_local]`` block needs, each ``[rows]`` or ``None`` where unused.
 
+    Attributes:
+        lse_a, lse_b, kl, ent: global per-token results of the forward pass (``lse_b``/``kl`` ``None`` for one input).
+        grad_kl, grad_ent, grad_logp, grad_logq: incoming gradients of the four outputs (``None``: no gradient).
+        token_cols: local column of each token in ``[0, V_local)``, or -1 where another rank holds it (``None``
+            without tokens).
+    """
 
-def eager_leaf(a: Tensor, b: Tensor | None, temperature: float, dtype: torch.dtype) -> Tensor:
-    """Leaf stats of one raw chunk with eager PyTorch ops."""
-    return _stats.leaf_stats(scaled(a, dtype, temperature), None if b is None else scaled(b, dtype, temperature))
+    lse_a: Tensor
+    lse_b: Tensor | None
+    kl: Tensor | None
+    ent: Tensor
+    grad_kl: Tensor | None
+    grad_ent: Tensor | None
+    grad_logp: Tensor | None
+    grad_logq: Tensor | None
+    token_cols: Tensor | None
 
-
-def eager_grads(
-    a: Tensor, b: Tensor | None, temperature: float, dtype: torch.dtype, **saved: Any
-) -> tuple[Tensor, Tensor | None]:
-    """Gradients of one raw chunk with respect to the raw logits (``1/T`` applied), in the compute dtype."""
-    grad_a, grad_b = _stats.chunk_grads(
-        scaled(a, dtype, temperature), None if b is None else scaled(b, dtype, temperature), **saved
-    )
-    if temperature != 1.0:
-        grad_a = grad_a.mul_(1.0 / temperature)
-        grad_b = None if grad_b is None else grad_b.mul_(1.0 / temperature)
-    return grad_a, grad_b
+    def rows(self, rows: slice) -> GradInputs:
+        """The same inputs for a slice of the rows."""
+        return GradInputs(*(None if x is None else x[rows] for x in self))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
 class Kernels:
-    """The two per-chunk entry points of one implementation."""
+    """One implementation: its name and its two entry points.
+
+    ``stats(a, b, *, temperature, dtype, entropy) -> Tensor``: ``a``, ``b`` are ``[rows, V_local]`` 2-D views (any
+    row stride; ``b`` may be ``None``); returns ``[num_stats, rows]`` in ``dtype``. With ``entropy=False`` the
+    entropy row may hold anything (the caller does not read it).
+
+    ``grads(a, b, *, temperature, dtype, inputs, grad_a, grad_b) -> None``: writes the gradients with respect to
+    the raw logits (``1/T`` applied) into ``grad_a`` / ``grad_b`` (``[rows, V_local]``, contiguous, the input dtype),
+    each skipped where ``None``; ``inputs`` is a :class:`GradInputs`.
+    """
 
     name: str
-    leaf: Callable[..., Tensor]
-    grads: Callable[..., tuple[Tensor, Tensor | None]]
+    stats: Callable[..., Tensor]
+    grads: Callable[..., None]
 
 
-EAGER = Kernels("eager", eager_leaf, eager_grads)
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+def scaled(x: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
+    """``x`` in the compute dtype, divided by the temperature (no copy for fp32 input at T = 1)."""
+    x = x.to(dtype)
+    return x if temperature == 1.0 else x / temperature
 
 
 def check_impl(impl: object) -> None:
@@ -91,6 +97,15 @@ def _triton_available() -> bool:
     return True
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def resolve(impl: str, device: torch.device, elements: int) -> Kernels:
     """The kernels for ``impl`` on ``device`` for a call on ``elements`` logits per input.
 
@@ -98,8 +113,10 @@ def resolve(impl: str, device: torch.device, elements: int) -> Kernels:
         ValueError: ``impl="triton"`` without Triton, or on CPU without ``TRITON_INTERPRET=1``.
     """
     check_impl(impl)
+    from shardkl.kernels import eager
+
     if impl == "eager":
-        return EAGER
+        return eager.KERNELS
     if impl == "triton":
         from shardkl.kernels import triton_kl
 
@@ -110,19 +127,21 @@ def resolve(impl: str, device: torch.device, elements: int) -> Kernels:
 
             return triton_kl.kernels(device)
         if device.type != "cuda" and elements < AUTO_COMPILE_ELEMENTS:
-            return EAGER
+            return eager.KERNELS
     from shardkl.kernels import compiled
 
     if impl == "compiled":
         return compiled.kernels()
     if _compile_failed:
-        return EAGER
+        return eager.KERNELS
     try:
         chosen = compiled.kernels()
     except Exception as exc:  # no torch.compile here: eager is always right
         _disable_compiled(exc)
-        return EAGER
-    return Kernels("compiled", _with_fallback(chosen.leaf, eager_leaf), _with_fallback(chosen.grads, eager_grads))
+        return eager.KERNELS
+    return Kernels(
+        "compiled", _with_fallback(chosen.stats, eager.KERNELS.stats), _with_fallback(chosen.grads, eager.KERNELS.grads)
+    )
 
 
 _compile_failed = False
@@ -146,3 +165,6 @@ def _with_fallback(fast: Callable[..., Any], safe: Callable[..., Any]) -> Callab
         return safe(*args, **kwargs)
 
     return call
+
+
+__all__ = ["AUTO_COMPILE_ELEMENTS", "IMPLS", "GradInputs", "Impl", "Kernels", "check_impl", "resolve", "scaled"]

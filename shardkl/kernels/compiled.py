@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from shardkl import _stats
+from shardkl.kernels import GradInputs, Kernels, eager
 
 
 def _leaf(a: Tensor, b: Tensor | None, inv_t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -74,7 +75,7 @@ def _inv_t(temperature: float, dtype: torch.dtype, device: torch.device) -> Tens
 
 
 def leaf(a: Tensor, b: Tensor | None, temperature: float, dtype: torch.dtype) -> Tensor:
-    """Leaf stats of one raw chunk, compiled."""
+    """Leaf stats of one raw tile, compiled."""
     # detached: requires_grad would be one more guard, and one more graph, per family
     a, b = a.detach(), None if b is None else b.detach()
     _rows_dynamic(a, b)
@@ -82,40 +83,38 @@ def leaf(a: Tensor, b: Tensor | None, temperature: float, dtype: torch.dtype) ->
         return _compiled()[0](a, b, _inv_t(temperature, dtype, a.device), dtype)
 
 
-def grads(
-    a: Tensor, b: Tensor | None, temperature: float, dtype: torch.dtype, **saved: Any
+def tile_grads(
+    a: Tensor, b: Tensor | None, temperature: float, dtype: torch.dtype, inputs: GradInputs
 ) -> tuple[Tensor, Tensor | None]:
-    """Gradients of one raw chunk with respect to the raw logits (``1/T`` applied), compiled."""
+    """Gradients of one raw tile with respect to the raw logits (``1/T`` applied), compiled."""
     a, b = a.detach(), None if b is None else b.detach()
-    _rows_dynamic(a, b, *saved.values())
+    _rows_dynamic(a, b, *inputs)
     with torch._dynamo.config.patch(_LIMITS):
-        return _grads_call(a, b, temperature, dtype, saved)
+        return _compiled()[1](a, b, _inv_t(temperature, dtype, a.device), dtype, *inputs)
 
 
-def _grads_call(
-    a: Tensor, b: Tensor | None, temperature: float, dtype: torch.dtype, saved: dict[str, Any]
-) -> tuple[Tensor, Tensor | None]:
-    return _compiled()[1](
-        a,
-        b,
-        _inv_t(temperature, dtype, a.device),
-        dtype,
-        saved["lse_a"],
-        saved["lse_b"],
-        saved["kl"],
-        saved["ent"],
-        saved["grad_kl"],
-        saved["grad_ent"],
-        saved["grad_logp"],
-        saved["grad_logq"],
-        saved["token_cols"],
-    )
+def stats(a: Tensor, b: Tensor | None, *, temperature: float, dtype: torch.dtype, entropy: bool = True) -> Tensor:
+    """Stats of a ``[rows, V_local]`` block (see :class:`shardkl.kernels.Kernels`)."""
+    return eager.tiled_stats(leaf, a, b, temperature=temperature, dtype=dtype)
 
 
-def kernels() -> Any:
+def grads(
+    a: Tensor,
+    b: Tensor | None,
+    *,
+    temperature: float,
+    dtype: torch.dtype,
+    inputs: GradInputs,
+    grad_a: Tensor | None,
+    grad_b: Tensor | None,
+) -> None:
+    """Gradients of a ``[rows, V_local]`` block (see :class:`shardkl.kernels.Kernels`)."""
+    eager.tiled_grads(tile_grads, a, b, temperature=temperature, dtype=dtype, inputs=inputs, grad_a=grad_a,
+                      grad_b=grad_b)
+
+
+def kernels() -> Kernels:
     """The compiled :class:`shardkl.kernels.Kernels`; raises if ``torch.compile`` cannot be used here."""
-    from shardkl.kernels import Kernels
-
     if not hasattr(torch, "compile"):
         raise RuntimeError("this torch has no torch.compile")
-    return Kernels("compiled", leaf, grads)
+    return Kernels("compiled", stats, grads)

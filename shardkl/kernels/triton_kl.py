@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from shardkl.kernels import GradInputs, Kernels, eager
+
 try:
     import triton
     import triton.language as tl
@@ -263,9 +265,7 @@ def leaf(a: Tensor, b: Tensor | None, temperature: float, dtype: torch.dtype, *,
         ``[4, rows]`` ``(la, ent, lb, kl)``, or ``[2, rows]`` ``(la, ent)`` when ``b`` is ``None``, in ``dtype``.
     """
     if not _kernel_ok(a, dtype):
-        from shardkl.kernels import eager_leaf
-
-        return eager_leaf(a, b, temperature, dtype)
+        return eager.leaf(a, b, temperature, dtype)
     rows, cols = a.shape
     a = _row_major(a)
     b = None if b is None else _row_major(b)
@@ -310,9 +310,7 @@ def grads(
         ``(grad_a, grad_b)``, ``[rows, cols]`` in ``dtype``; ``grad_b`` is ``None`` when ``b`` is.
     """
     if not _kernel_ok(a, dtype):
-        from shardkl.kernels import eager_grads
-
-        return eager_grads(a, b, temperature, dtype, **saved)
+        return eager.tile_grads(a, b, temperature, dtype, GradInputs(**saved))
     rows, cols = a.shape
     a = _row_major(a)
     b = None if b is None else _row_major(b)
@@ -371,19 +369,45 @@ def grads(
     return grad_a, grad_b
 
 
-def kernels(device: torch.device) -> Any:
+def _tile_grads(
+    a: Tensor, b: Tensor | None, temperature: float, dtype: torch.dtype, inputs: GradInputs
+) -> tuple[Tensor, Tensor | None]:
+    return grads(a, b, temperature, dtype, **inputs._asdict())
+
+
+def block_stats(
+    a: Tensor, b: Tensor | None, *, temperature: float, dtype: torch.dtype, entropy: bool = True
+) -> Tensor:
+    """Stats of a ``[rows, V_local]`` block (see :class:`shardkl.kernels.Kernels`)."""
+    return eager.tiled_stats(leaf, a, b, temperature=temperature, dtype=dtype)
+
+
+def block_grads(
+    a: Tensor,
+    b: Tensor | None,
+    *,
+    temperature: float,
+    dtype: torch.dtype,
+    inputs: GradInputs,
+    grad_a: Tensor | None,
+    grad_b: Tensor | None,
+) -> None:
+    """Gradients of a ``[rows, V_local]`` block (see :class:`shardkl.kernels.Kernels`)."""
+    eager.tiled_grads(_tile_grads, a, b, temperature=temperature, dtype=dtype, inputs=inputs, grad_a=grad_a,
+                      grad_b=grad_b)
+
+
+def kernels(device: torch.device) -> Kernels:
     """The Triton :class:`shardkl.kernels.Kernels` for ``device``.
 
     Raises:
         ValueError: Triton is not installed, or ``device`` is not CUDA and ``TRITON_INTERPRET=1`` is not set.
     """
-    from shardkl.kernels import Kernels
-
     if triton is None:
         raise ValueError("impl='triton' needs the `triton` package, which is not installed")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"impl='triton' needs a CUDA device (or TRITON_INTERPRET=1 for testing on CPU), got {device}")
-    return Kernels("triton", leaf, grads)
+    return Kernels("triton", block_stats, block_grads)
 
 
 __all__ = ["MAX_BLOCK", "exp_gap", "grads", "kernels", "leaf"]
