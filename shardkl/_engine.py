@@ -57,7 +57,7 @@ def local_stats(
     entropy: bool = True,
 ) -> Tensor:
     """Per-token stats of this rank's vocabulary slice, ``[num_stats, rows]``."""
-    impl = kernels.resolve("eager", a.device, 0) if impl is None else impl
+    impl = kernels.resolve("eager", a.device, dtype, 0) if impl is None else impl
     vocab = a.shape[-1]
     rows = a.numel() // vocab if vocab else int(torch.tensor(a.shape[:-1]).prod())
     if vocab == 0 or rows == 0:
@@ -132,7 +132,7 @@ class ShardedStatsFunction(torch.autograd.Function):
         dtype = compute_dtype(a, b)
         lead_shape = a.shape[:-1]
         vocab = a.shape[-1]
-        impl = kernels.resolve(options.impl, a.device, a.numel())
+        impl = kernels.resolve(options.impl, a.device, dtype, a.numel())
         stats = local_stats(a, b, temperature, dtype, impl)
         num_stats, rows = stats.shape
         flat_tokens = None if tokens is None else tokens.reshape(-1)

@@ -207,7 +207,7 @@ def test_public_api_matches_eager(monkeypatch, shape, dtype, temperature) -> Non
 
 
 def test_triton_needs_cuda_or_the_interpreter(monkeypatch) -> None:
-    assert kernels.resolve("triton", torch.device("cpu"), 10).name == "triton"
+    assert kernels.resolve("triton", torch.device("cpu"), torch.float32, 10).name == "triton"
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="needs a CUDA device"):
         triton_kl.kernels(torch.device("cpu"))
@@ -256,7 +256,7 @@ def test_kernels_compile_for_cuda_without_a_gpu(monkeypatch) -> None:
 
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run(
         [sys.executable, "-c", _COMPILE_FOR_CUDA], capture_output=True, text=True, env=env, timeout=300, cwd=root
