@@ -28,7 +28,7 @@ def test_compiled_matches_eager_values_and_gradients(shape, dtype, temperature) 
     results = {}
     for impl in ("eager", "compiled"):
         x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
-        stats = shardkl.kl_stats(x, y, tokens, temperature=temperature, impl=impl)
+        stats = shardkl.kl_stats(x, y, tokens, temperature=temperature, options=shardkl.Options(impl=impl))
         (stats.exact_kl.sum() + 0.3 * stats.entropy.sum() + stats.k3.sum()).backward()
         results[impl] = (stats, x.grad, y.grad)
     (s_e, ga_e, gb_e), (s_c, ga_c, gb_c) = results["eager"], results["compiled"]
@@ -43,7 +43,7 @@ def test_compiled_matches_eager_values_and_gradients(shape, dtype, temperature) 
 
 def test_impl_is_checked_and_auto_picks_eager_for_small_cpu_calls() -> None:
     with pytest.raises(ValueError, match="impl must be one of"):
-        shardkl.exact_kl(torch.zeros(2, 3), torch.zeros(2, 3), impl="cuda")
+        shardkl.exact_kl(torch.zeros(2, 3), torch.zeros(2, 3), options=shardkl.Options(impl="cuda"))
     assert kernels.resolve("auto", torch.device("cpu"), 1000).name == "eager"
     assert kernels.resolve("eager", torch.device("cpu"), 1 << 30).name == "eager"
 
@@ -60,6 +60,6 @@ def test_auto_falls_back_to_eager_when_compilation_fails(monkeypatch) -> None:
     monkeypatch.setattr(kernels, "AUTO_COMPILE_ELEMENTS", 0)
     a, b, _ = _case((3, 50), torch.float32)
     with pytest.warns(RuntimeWarning, match="torch.compile failed"):
-        got = shardkl.exact_kl(a, b, impl="auto")
-    torch.testing.assert_close(got, shardkl.exact_kl(a, b, impl="eager"))
+        got = shardkl.exact_kl(a, b, options=shardkl.Options(impl="auto"))
+    torch.testing.assert_close(got, shardkl.exact_kl(a, b, options=shardkl.Options(impl="eager")))
     assert kernels.resolve("auto", torch.device("cpu"), 1 << 30).name == "eager"  # and it stays eager

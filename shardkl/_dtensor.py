@@ -1,9 +1,9 @@
-"""DTensor front door: logits sharded on the vocabulary dimension of a ``DeviceMesh``.
+"""DTensor inputs: logits sharded on the vocabulary dimension of a ``DeviceMesh``, turned into local shards.
 
 A DTensor with placement ``Shard(ndim - 1)`` (``Shard(-1)`` is stored normalised) on one mesh dimension holds,
 on the rank with coordinate ``c`` along that dimension, the global columns ``[c * chunk, min((c + 1) * chunk, V))``
 with ``chunk = ceil(V / mesh_size)`` (``torch.chunk``'s layout: trailing ranks may hold fewer or no columns).
-That is the engine's layout (contiguous slices in rank order, any sizes) provided the mesh dimension's process
+That is :meth:`shardkl.VocabLayout.chunked` (contiguous slices in rank order) provided the mesh dimension's process
 group numbers its ranks in mesh order, which :func:`unwrap_logits` checks. Unwrapping uses ``to_local()``, which
 is differentiable, so gradients flow back to the DTensor inputs as DTensors with the same placements.
 
@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from shardkl.distributed import ProcessGroup
+from shardkl.layout import VocabLayout
 
 try:  # torch >= 2.5
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -39,17 +40,13 @@ class LocalShards(NamedTuple):
 
     Attributes:
         p_local, q_local: local vocabulary slices (``q_local`` is ``None`` for one input), differentiable views.
-        group: the process group of the mesh dimension that shards the vocabulary.
-        vocab_start: first global vocabulary id of this rank's slice.
-        vocab_size: global vocabulary size (the DTensor's last dimension).
+        layout: this rank's slice of the vocabulary and the process group of the mesh dimension that shards it.
         mesh_dim: the mesh dimension that shards the vocabulary.
     """
 
     p_local: Tensor
     q_local: Tensor | None
-    group: ProcessGroup
-    vocab_start: int
-    vocab_size: int
+    layout: VocabLayout
     mesh_dim: int
 
 
@@ -135,21 +132,18 @@ def unwrap_logits(p_logits: Any, q_logits: Any | None, group: ProcessGroup | Non
             f"got a different group than device_mesh.get_group({mesh_dim})"
         )
     vocab = int(p_logits.shape[-1])
-    world = mesh.size(mesh_dim)
     # torch.chunk's layout: ceil-sized chunks in mesh order, trailing ranks shorter or empty
-    chunk = -(-vocab // world)
-    start = min(coordinate * chunk, vocab)
-    expected = min(start + chunk, vocab) - start
+    layout = VocabLayout.chunked(vocab, mesh_group)
     p_local = p_logits.to_local()
     q_local = None if q_logits is None else q_logits.to_local()
     for name, local in (("p_logits", p_local), ("q_logits", q_local)):
-        if local is not None and local.shape[-1] != expected:
+        if local is not None and local.shape[-1] != layout.local_size:
             raise ValueError(
-                f"{name}: DTensor of global vocabulary {vocab} sharded over {world} ranks should hold "
-                f"ceil-chunk columns [{start}, {start + expected}) on mesh coordinate {coordinate}, i.e. "
-                f"{expected} columns, but its local tensor has {local.shape[-1]}"
+                f"{name}: DTensor of global vocabulary {vocab} sharded over {mesh.size(mesh_dim)} ranks should hold "
+                f"ceil-chunk columns [{layout.start}, {layout.stop}) on mesh coordinate {coordinate}, i.e. "
+                f"{layout.local_size} columns, but its local tensor has {local.shape[-1]}"
             )
-    return LocalShards(p_local, q_local, mesh_group, start, vocab, mesh_dim)
+    return LocalShards(p_local, q_local, layout, mesh_dim)
 
 
 def to_local_like(name: str, x: Any, mesh_dim: int) -> Tensor:
