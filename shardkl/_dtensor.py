@@ -173,3 +173,17 @@ def to_local_like(name: str, x: Any, mesh_dim: int) -> Tensor:
     local: Tensor = x.to_local()
     return local
 
+
+
+def replicated_like(hidden: Tensor, weight: Any) -> Any:
+    """``hidden`` as a DTensor replicated over the 1-D mesh of the DTensor ``weight`` (``hidden`` itself if it is a
+    DTensor already, or if ``weight`` is not one)."""
+    if is_dtensor(hidden) or not is_dtensor(weight):
+        return hidden
+    mesh = weight.device_mesh
+    if mesh.ndim != 1:
+        raise ValueError(
+            f"the output layer's weight lives on a {mesh.ndim}-D mesh: pass hidden as a DTensor whose placements say "
+            "how it is laid out on the other mesh dimensions"
+        )
+    return DTensor.from_local(hidden, mesh, [Replicate()])

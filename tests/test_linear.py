@@ -221,3 +221,50 @@ def _check_dtensor(rank: int, world: int) -> None:
 
 def test_dtensor_weight_sharded_on_the_vocabulary() -> None:
     run_ranks(_check_dtensor, 2)
+
+
+def _check_column_parallel_head(rank: int, world: int) -> None:
+    from shardkl.parallel import ColumnParallelLMHead
+
+    g = torch.Generator().manual_seed(5)
+    full = torch.nn.Linear(H_P, VOCAB, bias=False).double()
+    with torch.no_grad():
+        full.weight.copy_(torch.randn(VOCAB, H_P, generator=g, dtype=torch.float64))
+    ref_logits = torch.randn(3, VOCAB, generator=g, dtype=torch.float64)
+    tokens = torch.randint(0, VOCAB, (3,), generator=g)
+    group = dist.group.WORLD if world > 1 else None
+    head = ColumnParallelLMHead.from_linear(full, group=group)  # padded to a multiple of 8 * world
+    one_head = ColumnParallelLMHead.from_linear(full, group=None)
+    trunk_out = torch.randn(3, H_P, generator=g, dtype=torch.float64)
+    hidden, one_hidden = trunk_out.clone().requires_grad_(), trunk_out.clone().requires_grad_()
+    layout = head.layout
+
+    def padded(layout: shardkl.VocabLayout) -> torch.Tensor:
+        # the reference's slice of its logits, with the padding columns the head's layout also holds
+        local = ref_logits[:, layout.start : layout.start + layout.kept_size]
+        return torch.cat([local, local.new_zeros(3, layout.local_size - layout.kept_size)], -1)
+
+    local_ref = padded(layout)
+    with shardkl.count_collectives() as forward:
+        loss = shardkl.kl_penalty(head.linear_logits(hidden), local_ref, tokens, estimator="k2", layout=layout)
+    with shardkl.count_collectives() as backward:
+        loss.backward()
+    one = shardkl.kl_penalty(one_head.linear_logits(one_hidden), padded(one_head.layout), tokens, estimator="k2",
+                             layout=one_head.layout)
+    one.backward()
+    torch.testing.assert_close(loss, one)
+    # the head's copy-to-region sums the hidden gradient: every rank holds the full one
+    torch.testing.assert_close(hidden.grad, one_hidden.grad)
+    rows = slice(layout.start, layout.start + layout.kept_size)
+    torch.testing.assert_close(head.weight.grad[: layout.kept_size], one_head.weight.grad[rows])
+    assert (head.weight.grad[layout.kept_size :] == 0).all()
+    # one collective in forward (shardkl's), one in backward (the head's copy-to-region, not shardkl's op)
+    assert forward.total == (1 if world > 1 else 0) and backward.total == (1 if world > 1 else 0)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_column_parallel_head_linear_logits(world: int) -> None:
+    if world == 1:
+        _check_column_parallel_head(0, 1)
+    else:
+        run_ranks(_check_column_parallel_head, world)
