@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
-    from shardkl.config import ConfigError, ExperimentConfig, load_config, parse_args
+    from shardkl.apps.config import ConfigError, ExperimentConfig, load_config, parse_args
 
     prog = "exact_kl.py"
     try:
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     import torch.distributed as dist
 
     from shardkl import CollectiveError, set_collective_timeout
-    from shardkl.experiment import format_table, run_rank
+    from shardkl.apps.experiment import format_table, run_rank
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     group = None

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from shardkl.config import ExperimentConfig
+    from shardkl.apps.config import ExperimentConfig
 
 USAGE = (
     "usage: launch/ray_kl.py [--config FILE.toml] [--num-workers N] [--address auto|HOST:PORT] "
@@ -39,7 +39,7 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
-    from shardkl.config import ConfigError, ExperimentConfig, load_config, parse_args
+    from shardkl.apps.config import ConfigError, ExperimentConfig, load_config, parse_args
 
     # --use-gpu is a flag; --use-gpu true|false is accepted too
     argv = [
@@ -69,7 +69,7 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from shardkl.integrations.ray import RayJobError, run_on_ray
+    from shardkl.apps.ray_job import RayJobError, run_on_ray
 
     if int(num_workers) == 0:
         # Ray Train's local mode: no cluster; under torchrun every rank runs the same worker function
@@ -102,7 +102,7 @@ def main(argv: list[str]) -> int:
 
 def _finish(config: ExperimentConfig, result: dict[str, Any], rank0: bool) -> int:
     """Print the table and write the JSON (rank 0 only)."""
-    from shardkl.experiment import format_table
+    from shardkl.apps.experiment import format_table
 
     if rank0:
         print(format_table(result), flush=True)

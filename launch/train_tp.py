@@ -22,9 +22,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from shardkl.config import ConfigError, load_config
-from shardkl.config import parse_args as config_args
-from shardkl.tp import TPConfig, parity_report, train
+from shardkl.apps.config import ConfigError, load_config
+from shardkl.apps.config import parse_args as config_args
+from shardkl.apps.grpo import TPConfig, parity_report, train
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class LaunchArgs:
 
 def parse_args(argv: list[str]) -> tuple[TPConfig, LaunchArgs]:
     """TPConfig from defaults < ``--config FILE.toml`` < ``--key value``, plus ``--json``, ``--verify``,
-    ``--backend``. Raises :class:`shardkl.config.ConfigError` with one line for any problem."""
+    ``--backend``. Raises :class:`shardkl.apps.config.ConfigError` with one line for any problem."""
     verify = "--verify" in argv
     path, overrides, extra = config_args(TPConfig, [a for a in argv if a != "--verify"])
     json_path = extra.pop("json", None)
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(" | ".join(f"{h:>15}" for h in header))
         for r in results:
             print(" | ".join(f"{v:>15.6g}" for v in r.as_dict().values()))
-        print(f"world_size={world} backend={backend} vocab={config.vocab_size} kind={config.kind} "
+        print(f"world_size={world} backend={backend} vocab={config.vocab_size} estimator={config.estimator} "
               f"time={seconds:.2f}s")
         if verify is not None:
             print("verify (vs one process): " + ", ".join(f"{k}={v:.3g}" for k, v in verify.items()))

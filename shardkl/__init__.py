@@ -7,34 +7,34 @@ all-gather of a few floats per token, so no rank materialises the full-vocabular
 from __future__ import annotations
 
 from shardkl import nn
-from shardkl.distributed import CollectiveCounter, CollectiveError, count_collectives, set_collective_timeout
-from shardkl.estimators import k1, k2, k3
-from shardkl.functional import (
-    ESTIMATORS,
-    Estimator,
-    KLStats,
-    entropy,
-    exact_kl,
-    kl_stats,
-    sampled_kl,
-    token_logprobs,
-)
-from shardkl.losses import PENALTY_KINDS, GRPOLoss, PenaltyKind, grpo_loss, kl_penalty
+from shardkl.distributed import CollectiveCounter, CollectiveError, count_collectives
+from shardkl.estimators import SAMPLED_ESTIMATORS, SampledEstimator, k1, k2, k3
+from shardkl.functional import KLStats, entropy, exact_kl, kl_stats, sampled_kl, token_logprobs
+from shardkl.layout import VocabLayout, shard_bounds
+from shardkl.linear import LinearLogits
+from shardkl.losses import ESTIMATORS, Estimator, GRPOLoss, grpo_loss, kl_penalty
+from shardkl.options import NAN_POLICIES, NanPolicy, Options, set_collective_timeout
 from shardkl.reduction import REDUCTIONS, Reduction, reduce_tokens
+from shardkl.sampling import sample_tokens
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ESTIMATORS",
+    "NAN_POLICIES",
     "REDUCTIONS",
+    "SAMPLED_ESTIMATORS",
     "CollectiveCounter",
     "CollectiveError",
     "Estimator",
     "GRPOLoss",
     "KLStats",
-    "PENALTY_KINDS",
-    "PenaltyKind",
+    "LinearLogits",
+    "NanPolicy",
+    "Options",
     "Reduction",
+    "SampledEstimator",
+    "VocabLayout",
     "__version__",
     "count_collectives",
     "entropy",
@@ -47,7 +47,9 @@ __all__ = [
     "kl_stats",
     "nn",
     "reduce_tokens",
+    "sample_tokens",
     "sampled_kl",
     "set_collective_timeout",
+    "shard_bounds",
     "token_logprobs",
 ]

@@ -1,30 +1,27 @@
 """The sharded engine: one autograd Function that turns local logits shards into per-token results.
 
-Forward, on each rank: stream over the local ``[rows, V_local]`` logits in chunks (never a full-size fp32
-copy), fold the chunk stats of ``shardkl._stats`` into per-token local stats, read the sampled tokens' logits,
-then issue **one** all-gather of ``[stats, token logits, metadata]`` and merge the ranks in rank order.
-Backward recomputes P and Q chunk by chunk from the saved per-token log-sum-exps: no collective and nothing
-of size ``[N, V]`` is kept between the two passes (only references to the caller's own logits).
+Forward, on each rank: the kernels of ``impl`` reduce the local ``[rows, V_local]`` logits to per-token stats
+(never a full-size fp32 copy), the sampled tokens' logits are read where this rank holds them, then **one**
+all-gather of ``[stats, token logits, metadata]`` lets every rank check the call (``shardkl._validation``) and merge
+the ranks in rank order. Backward recomputes P and Q tile by tile from the saved per-token log-sum-exps: no
+collective, and nothing of size ``[N, V]`` is kept between the two passes (only references to the caller's logits).
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from shardkl import _stats, _validation, kernels
-from shardkl.distributed import (
-    ProcessGroup,
-    all_gather_flat,
-    rank_and_size,
-    remember_vocab_sizes,
-    vocab_start_hint,
-)
+from shardkl.distributed import all_gather_flat
 from shardkl.kernels import GradInputs, Kernels, scaled
+from shardkl.layout import VocabLayout
+from shardkl.options import Options
 
 
 def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
@@ -99,13 +96,27 @@ def _log_prob(token_logit: Tensor, lse: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class EngineOptions:
-    """Options of one call that every rank must agree on (checked in the gather)."""
+class EngineSpec:
+    """Everything about one call that is not a tensor (and that every rank must agree on, checked in the gather).
 
-    validate: bool = True
-    nan_policy: str = "raise"
-    vocab_size: int | None = None
-    impl: str = "auto"
+    Attributes:
+        layout: this rank's slice (padding included) and the group.
+        layout_given: the layout came from the caller or a DTensor, rather than the default equal-split guess.
+        temperature: softmax temperature.
+        options: how the call runs.
+        entropy: whether the caller reads the entropy (kernels may skip it otherwise).
+    """
+
+    layout: VocabLayout
+    layout_given: bool
+    temperature: float
+    options: Options
+    entropy: bool = True
+
+
+def _options_code(options: Options) -> int:
+    """One number that differs when the ranks' options differ (the timeout may differ per rank)."""
+    return zlib.crc32(repr((options.impl, options.validate, options.nan_policy)).encode())
 
 
 def _token_rows(a: Tensor, b: Tensor | None, tokens: Tensor, start: int, dtype: torch.dtype, t: float) -> Tensor:
@@ -114,6 +125,98 @@ def _token_rows(a: Tensor, b: Tensor | None, tokens: Tensor, start: int, dtype: 
     if b is not None:
         rows.append(_token_logits(b, local, dtype, t))
     return torch.stack(rows)
+
+
+class Merged(NamedTuple):
+    """Global per-token results after the gather, each ``[rows]`` in the compute dtype (``None`` where absent)."""
+
+    lse_a: Tensor
+    ent: Tensor
+    lse_b: Tensor | None
+    kl: Tensor | None
+    logp: Tensor | None
+    logq: Tensor | None
+
+
+def gather_and_merge(
+    stats: Tensor,
+    token_logits: Tensor | None,
+    info: _validation.CallInfo,
+    spec: EngineSpec,
+    *,
+    row0: Tensor | None,
+    tokens: Tensor | None,
+    mask: Tensor | None,
+    dtype: torch.dtype,
+) -> Merged:
+    """The one collective of a forward call, the checks every rank runs on it, and the merge of the ranks.
+
+    Args:
+        stats: ``[num_stats, rows]`` this rank's stats.
+        token_logits: ``[1 or 2, rows]`` scaled logits of the tokens this rank holds (``-inf`` elsewhere), or
+            ``None`` without tokens.
+        info: what this rank knows about the call, for the cross-rank checks.
+        spec: the call's layout, temperature and options.
+        row0: the first row of ``p``'s logits (for the probabilities look-alike check), or ``None``.
+        tokens: ``[rows]`` global token ids, or ``None``.
+        mask: the per-token mask (its values are checked here), or ``None``.
+        dtype: the compute dtype of the results.
+    """
+    num_stats, rows = stats.shape
+    options = spec.options
+    # float64 on the wire: exact for fp32 stats and for every id and size in the metadata
+    pieces = [stats.to(torch.float64).reshape(-1)]
+    if token_logits is not None:
+        pieces.append(token_logits.to(torch.float64).reshape(-1))
+    pieces.append(_validation.local_meta(info, stats, row0, tokens, mask))
+    # The one collective of the call: per-token stats, sampled-token logits and per-rank metadata.
+    gathered = all_gather_flat(
+        torch.cat(pieces), spec.layout.group, what="per-token statistics", timeout_s=options.resolved_timeout_s
+    )
+    world = gathered.shape[0]
+    meta = gathered[:, -_validation.NUM_META :].tolist()
+    # every rank checks the same gathered numbers, so all of them raise (or none does)
+    _validation.check_gathered(meta, validate=options.validate, shape=info.lead_shape)
+    # the merge runs in float64: it is O(tokens x ranks) and removes the rounding of the merge itself
+    merged = _stats.merge_stats(gathered[:, : num_stats * rows].reshape(world, num_stats, rows)).to(dtype)
+    lse_a, ent = merged[_stats.LA], merged[_stats.ENT]
+    two = num_stats == 4
+    lse_b, kl = (merged[_stats.LB], merged[_stats.KL]) if two else (None, None)
+    logp = logq = None
+    if token_logits is not None:
+        num_token_rows = token_logits.shape[0]
+        token_part = gathered[:, num_stats * rows : (num_stats + num_token_rows) * rows]
+        # exactly one rank holds each token; the others sent -inf
+        held = token_part.reshape(world, num_token_rows, rows).amax(dim=0).to(dtype)
+        logp = _log_prob(held[0], lse_a)
+        if lse_b is not None:
+            logq = _log_prob(held[1], lse_b)
+    return Merged(lse_a, ent, lse_b, kl, logp, logq)
+
+
+def call_info(
+    spec: EngineSpec, *, kept: int, rows: int, lead_shape: torch.Size, p_dtype: torch.dtype, q_dtype: torch.dtype | None
+) -> _validation.CallInfo:
+    """This rank's :class:`shardkl._validation.CallInfo` for a call."""
+    return _validation.CallInfo(
+        layout=spec.layout,
+        layout_given=spec.layout_given,
+        kept=kept,
+        rows=rows,
+        lead_shape=lead_shape,
+        p_dtype=p_dtype,
+        q_dtype=q_dtype,
+        temperature=spec.temperature,
+        nan_policy=spec.options.nan_policy,
+        options_code=_options_code(spec.options),
+    )
+
+
+def outputs(merged: Merged, rows: int, lead_shape: torch.Size, dtype: torch.dtype, device: torch.device) -> tuple:
+    """The four outputs ``(kl, entropy, logp, logq)`` shaped like the tokens; zeros where absent."""
+    zeros = torch.zeros(rows, dtype=dtype, device=device)
+    values = (merged.kl, merged.ent, merged.logp, merged.logq)
+    return tuple((zeros if v is None else v).reshape(lead_shape) for v in values)
 
 
 class ShardedStatsFunction(torch.autograd.Function):
@@ -125,80 +228,35 @@ class ShardedStatsFunction(torch.autograd.Function):
         a: Tensor,
         b: Tensor | None,
         tokens: Tensor | None,
-        group: ProcessGroup | None,
-        temperature: float,
-        options: EngineOptions,
+        mask: Tensor | None,
+        spec: EngineSpec,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         dtype = compute_dtype(a, b)
         lead_shape = a.shape[:-1]
-        vocab = a.shape[-1]
-        impl = kernels.resolve(options.impl, a.device, dtype, a.numel())
-        stats = local_stats(a, b, temperature, dtype, impl)
-        num_stats, rows = stats.shape
+        temperature, layout = spec.temperature, spec.layout
+        impl = kernels.resolve(spec.options.impl, a.device, dtype, a.numel())
+        stats = local_stats(a, b, temperature, dtype, impl, entropy=spec.entropy)
+        rows = stats.shape[1]
         flat_tokens = None if tokens is None else tokens.reshape(-1)
-        num_token_rows = 0 if flat_tokens is None else (1 if b is None else 2)
-
-        start = vocab_start_hint(group, vocab) if flat_tokens is not None else 0
-        info = _validation.CallInfo(
-            vocab=vocab,
-            start=start,
-            rows=rows,
-            lead_shape=lead_shape,
-            p_dtype=a.dtype,
+        token_logits = None
+        if flat_tokens is not None:
+            token_logits = _token_rows(a, b, flat_tokens, layout.start, dtype, temperature)
+        info = call_info(
+            spec, kept=a.shape[-1], rows=rows, lead_shape=lead_shape, p_dtype=a.dtype,
             q_dtype=None if b is None else b.dtype,
-            temperature=temperature,
-            declared_vocab=options.vocab_size,
-            nan_policy=options.nan_policy,
         )
-        # float64 on the wire: exact for fp32 stats and for every id and size in the metadata
-        pieces = [stats.to(torch.float64).reshape(-1)]
-        if flat_tokens is not None:
-            pieces.append(_token_rows(a, b, flat_tokens, start, dtype, temperature).to(torch.float64).reshape(-1))
-        pieces.append(_validation.local_meta(info, stats, None if b is None else _stats.LB, flat_tokens))
-        gathered = all_gather_flat(torch.cat(pieces), group, what="per-token statistics")
-        world = gathered.shape[0]
-        meta = gathered[:, -_validation.NUM_META :].tolist()
-        # every rank checks the same gathered numbers, so all of them raise (or none does)
-        _validation.check_gathered(meta, validate=options.validate, shape=lead_shape)
-        sizes = tuple(int(row[_validation.VOCAB]) for row in meta)
-        starts = [sum(sizes[:r]) for r in range(world)]
-        remember_vocab_sizes(group, sizes)
-
-        # the merge runs in float64: it is O(tokens x ranks) and removes the rounding of the merge itself
-        merged = _stats.merge_stats(gathered[:, : num_stats * rows].reshape(world, num_stats, rows)).to(dtype)
-        lse_a, ent = merged[_stats.LA], merged[_stats.ENT]
-        lse_b = kl = logp = logq = None
-        if b is not None:
-            lse_b, kl = merged[_stats.LB], merged[_stats.KL]
-        if flat_tokens is not None:
-            token_part = gathered[:, num_stats * rows : (num_stats + num_token_rows) * rows]
-            if [int(row[_validation.START]) for row in meta] != starts:
-                # The guessed vocabulary offsets were wrong (first call with an uneven split): every rank sees
-                # the same sizes, so all of them repeat the token part with the true offsets.
-                rank, _ = rank_and_size(group)
-                start = starts[rank]
-                redo = _token_rows(a, b, flat_tokens, start, dtype, temperature).to(torch.float64).reshape(-1)
-                token_part = all_gather_flat(redo, group, what="sampled-token logits")
-            # exactly one rank holds each token; the others sent -inf
-            token_logits = token_part.reshape(world, num_token_rows, rows).amax(dim=0).to(dtype)
-            logp = _log_prob(token_logits[0], lse_a)
-            if b is not None and lse_b is not None:
-                logq = _log_prob(token_logits[1], lse_b)
-
+        row0 = a[(0,) * (a.dim() - 1)] if a.numel() else None
+        merged = gather_and_merge(
+            stats, token_logits, info, spec, row0=row0, tokens=flat_tokens, mask=mask, dtype=dtype
+        )
+        lse_a, ent, lse_b, kl = merged.lse_a, merged.ent, merged.lse_b, merged.kl
         ctx.save_for_backward(a, b, flat_tokens, lse_a, lse_b, kl, ent)
         ctx.temperature = temperature
-        ctx.start = start
+        ctx.start = layout.start
         ctx.dtype = dtype
         ctx.kernels = impl
         ctx.set_materialize_grads(False)
-        zeros = torch.zeros(rows, dtype=dtype, device=a.device)
-        outputs = (
-            zeros if kl is None else kl,
-            ent,
-            zeros if logp is None else logp,
-            zeros if logq is None else logq,
-        )
-        return tuple(o.reshape(lead_shape) for o in outputs)  # type: ignore[return-value]
+        return outputs(merged, rows, lead_shape, dtype, a.device)  # type: ignore[return-value]
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -222,7 +280,7 @@ class ShardedStatsFunction(torch.autograd.Function):
             for grad in (grad_a, grad_b):
                 if grad is not None:
                     grad.zero_()
-            return (grad_a, grad_b, None, None, None, None)
+            return (grad_a, grad_b, None, None, None)
         local_tokens = None if tokens is None else tokens - ctx.start
         held = None
         if local_tokens is not None:
@@ -243,4 +301,4 @@ class ShardedStatsFunction(torch.autograd.Function):
                 grad_a=None if ga2 is None else ga2[rs],
                 grad_b=None if gb2 is None else gb2[rs],
             )
-        return (grad_a, grad_b, None, None, None, None)
+        return (grad_a, grad_b, None, None, None)

@@ -166,7 +166,7 @@ def _methods(
 
 
 def _shardkl(a: Tensor, b: Tensor, *, group: Any, impl: Any) -> Tensor:
-    return shardkl.exact_kl(a, b, group=group, impl=impl)
+    return shardkl.exact_kl(a, b, group=group, options=shardkl.Options(impl=impl))
 
 
 def _inputs(tokens: int, vocab: int, rank: int, world: int, dtype: torch.dtype, device: torch.device):

@@ -1,9 +1,9 @@
 """Distributed plumbing: every collective shardkl issues lives in this file.
 
 The engine needs one collective per forward call: an all-gather of a few floats per token per rank (the
-stats of ``shardkl._stats``) plus a few metadata floats per rank (local vocabulary size, the vocabulary
-offset the rank assumed, token-id range). Each rank then merges the gathered stats in rank order, so every
-rank computes bit-identical results.
+stats of ``shardkl._stats``) plus a few metadata floats per rank (its vocabulary slice, token-id range, what it
+was asked). Each rank then merges the gathered stats in rank order, so every rank computes bit-identical
+results. Every collective waits at most a timeout and raises :class:`CollectiveError` naming the rank.
 
 ``CollectiveCounter`` counts the collectives (and bytes) issued through ``torch.distributed`` while it is
 active; tests and the benchmark use it to show one collective per forward and none per backward.
@@ -11,7 +11,6 @@ active; tests and the benchmark use it to show one collective per forward and no
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from shardkl.options import default_timeout_s
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup; typed loosely so the module imports without a backend
 
@@ -43,102 +44,101 @@ class CollectiveError(RuntimeError):
     """A collective of shardkl failed or did not complete within the timeout."""
 
 
-_timeout_s = float(os.environ.get("SHARDKL_TIMEOUT_S", "120"))
-
-
-def set_collective_timeout(seconds: float) -> None:
-    """Set how long a shardkl collective may wait for the other ranks (default 120 s, or ``SHARDKL_TIMEOUT_S``).
-
-    Past it the waiting ranks raise :class:`CollectiveError` instead of hanging.
-    """
-    global _timeout_s
-    if not seconds > 0:
-        raise ValueError(f"timeout must be > 0 seconds, got {seconds}")
-    _timeout_s = float(seconds)
-
-
-def collective_timeout() -> float:
-    """The current collective timeout in seconds."""
-    return _timeout_s
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
 
 
-def all_gather_flat(local: Tensor, group: ProcessGroup | None, *, what: str = "tensor") -> Tensor:
+def _wait(start: Any, rank: int, world: int, what: str, operation: str, timeout_s: float | None) -> None:
+    """Start a collective (``start()`` returns its work handle) and wait for it within the timeout."""
+    timeout = default_timeout_s() if timeout_s is None else timeout_s
+    started = time.monotonic()
+    try:
+        start().wait(timeout=timedelta(seconds=timeout))
+    except Exception as exc:  # backends raise RuntimeError subclasses (DistBackendError, DistNetworkError, ...)
+        raise CollectiveError(
+            f"shardkl: {operation} of {what} failed on rank {rank} of {world} after "
+            f"{time.monotonic() - started:.1f} s (timeout {timeout:g} s): {_first_line(exc)}. Another rank of "
+            "the group died, stopped calling shardkl, or passed a different number of tokens"
+        ) from exc
+
+
+def all_gather_flat(
+    local: Tensor, group: ProcessGroup | None, *, what: str = "tensor", timeout_s: float | None = None
+) -> Tensor:
     """All-gather a 1-D tensor of the same length from every rank; returns ``[world_size, length]``.
 
     Raises:
-        CollectiveError: the collective failed (a peer died) or did not finish within
-            :func:`collective_timeout`; the message names this rank and the operation.
+        CollectiveError: the collective failed (a peer died) or did not finish within ``timeout_s`` (default:
+            :func:`shardkl.options.default_timeout_s`); the message names this rank and the operation.
     """
     rank, world = rank_and_size(group)
     if world == 1:
         return local.unsqueeze(0)
     out = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    started = time.monotonic()
-    try:
-        # The one collective of a forward call: per-token stats and per-rank metadata of every shard.
-        work = gather(out, local.contiguous(), group=group, async_op=True)
-        work.wait(timeout=timedelta(seconds=_timeout_s))
-    except Exception as exc:  # backends raise RuntimeError subclasses (DistBackendError, DistNetworkError, ...)
-        raise CollectiveError(
-            f"shardkl: all-gather of {what} failed on rank {rank} of {world} after "
-            f"{time.monotonic() - started:.1f} s (timeout {_timeout_s:g} s): {_first_line(exc)}. Another rank of "
-            "the group died, stopped calling shardkl, or passed a different number of tokens"
-        ) from exc
+    local = local.contiguous()
+    _wait(lambda: gather(out, local, group=group, async_op=True), rank, world, what, "all-gather", timeout_s)
     return out.view(world, local.numel())
 
 
-def argmax_over_ranks(best: Tensor, best_id: Tensor, group: ProcessGroup | None) -> Tensor:
+def all_reduce_sum(
+    x: Tensor, group: ProcessGroup | None, *, what: str = "tensor", timeout_s: float | None = None
+) -> Tensor:
+    """Sum ``x`` over the ranks of ``group``; returns a new tensor (``x`` itself for one rank).
+
+    Raises:
+        CollectiveError: as :func:`all_gather_flat`.
+    """
+    rank, world = rank_and_size(group)
+    if world == 1:
+        return x
+    out = x.contiguous().clone()
+    _wait(lambda: dist.all_reduce(out, group=group, async_op=True), rank, world, what, "all-reduce", timeout_s)
+    return out
+
+
+def argmax_over_ranks(
+    best: Tensor, best_id: Tensor, group: ProcessGroup | None, *, bounds: tuple[int, int] | None = None
+) -> Tensor:
     """Global argmax from each rank's local ``(max value, global id)``: the first maximum in rank order.
 
     Args:
         best: float64 local maxima, any shape, the same on every rank.
         best_id: float64 global ids of the local maxima (exact below 2**53), shaped like ``best``.
         group: process group the vocabulary is split over.
+        bounds: this rank's vocabulary slice ``(start, stop)``; if given, every rank checks that the slices tile
+            the vocabulary in rank order and raises the same ``ValueError`` if not.
 
     Returns:
         int64 ids shaped like ``best``, identical on every rank (a tie goes to the lowest rank, so to the lowest
         id, as in one full-vocabulary ``argmax``).
     """
     n = best.numel()
-    # One all-gather of (local max, its global id); every rank then picks the same winner.
-    gathered = all_gather_flat(torch.cat([best.reshape(-1), best_id.reshape(-1)]), group, what="sampled tokens")
+    meta = torch.tensor([-1.0, -1.0] if bounds is None else [float(bounds[0]), float(bounds[1])], dtype=torch.float64)
+    # One all-gather of (local max, its global id) and the slice bounds; every rank then picks the same winner.
+    local = torch.cat([best.reshape(-1).double().cpu(), best_id.reshape(-1).double().cpu(), meta])
+    gathered = all_gather_flat(local, group, what="sampled tokens")
+    if bounds is not None:
+        check_tiling([(int(row[-2]), int(row[-1])) for row in gathered[:, -2:].tolist()])
     winner = gathered[:, :n].argmax(dim=0, keepdim=True)
-    return gathered[:, n:].gather(0, winner).reshape(best.shape).long()
+    return gathered[:, n : 2 * n].gather(0, winner).reshape(best.shape).long()
 
 
-# Vocabulary offsets learned from earlier calls, keyed by group. Only a hint: every call re-checks the
-# offsets against the gathered local sizes and repeats the token part with the right ones on a miss.
-_SIZES_BY_GROUP: dict[int, tuple[int, ...]] = {}
-_SIZES_LOCK = threading.Lock()
+def check_tiling(slices: list[tuple[int, int]], hint: str = "") -> None:
+    """Raise ``ValueError`` unless the ranks' ``[start, stop)`` slices tile ``[0, V)`` in rank order.
 
-
-def vocab_start_hint(group: ProcessGroup | None, local_size: int) -> int:
-    """The first global vocabulary id this rank is assumed to hold.
-
-    Uses the split seen on an earlier call with the same group, else assumes equal shards
-    (``rank * local_size``, the Megatron layout). The guess is verified after the all-gather.
+    Every rank calls it on the same gathered numbers, so every rank raises the same error (or none does).
     """
-    rank, world = rank_and_size(group)
-    if world == 1:
-        return 0
-    with _SIZES_LOCK:
-        sizes = _SIZES_BY_GROUP.get(id(group))
-    if sizes is not None and len(sizes) == world and sizes[rank] == local_size:
-        return sum(sizes[:rank])
-    return rank * local_size
-
-
-def remember_vocab_sizes(group: ProcessGroup | None, sizes: tuple[int, ...]) -> None:
-    """Record the per-rank vocabulary sizes seen in a gather, for the next call's offset hint."""
-    if group is not None:
-        with _SIZES_LOCK:
-            _SIZES_BY_GROUP[id(group)] = sizes
+    expected = 0
+    for rank, (start, stop) in enumerate(slices):
+        if start != expected:
+            described = ", ".join(f"rank {r}: [{a}, {b})" for r, (a, b) in enumerate(slices))
+            raise ValueError(
+                f"the ranks' vocabulary slices do not tile the vocabulary in rank order: rank {rank} starts at "
+                f"{start}, expected {expected} ({described}){hint}"
+            )
+        expected = stop
 
 
 _COUNTED = (

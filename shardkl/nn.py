@@ -2,72 +2,97 @@
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 from torch import Tensor, nn
 
 from shardkl.distributed import ProcessGroup
-from shardkl.losses import PenaltyKind, canonical_kind, kl_penalty
+from shardkl.layout import VocabLayout
+from shardkl.losses import Estimator, canonical_estimator, kl_penalty
+from shardkl.options import Options, check_options
 from shardkl.reduction import Reduction, check_reduction
 
 
 class KLPenalty(nn.Module):
-    """``coef · KL(π‖π_ref)`` penalty of sharded logits, as a module; see :func:`shardkl.kl_penalty`.
+    """``kl_coef · KL(π‖π_ref)`` penalty of sharded logits, as a module; see :func:`shardkl.kl_penalty`.
 
     Args:
-        kind: ``"exact"`` (default), ``"k1"``, ``"k2"``, ``"k3"``, ``"k1+"``, ``"k3+"`` or verl's names.
-        coef: multiplies the penalty (β of the RL loss).
+        estimator: ``"exact"`` (default), ``"k1"``, ``"k2"``, ``"k3"``, ``"k1+"``, ``"k3+"`` or verl's names.
+        kl_coef: multiplies the penalty (β of the RL loss).
         group: process group of the vocabulary split, e.g. ``parallel_state.get_tensor_model_parallel_group()``.
-        reduction, clamp, log_ratio_clamp, temperature, valid_vocab_size: as in :func:`shardkl.kl_penalty`.
+        layout, reduction, clamp, log_ratio_clamp, temperature, valid_vocab_size, options: as in
+            :func:`shardkl.kl_penalty`.
+
+    A deep copy of the module shares its process group (a group cannot be copied).
 
     Example:
-        >>> penalty = KLPenalty("exact", coef=0.04, group=tp_group)
+        >>> penalty = KLPenalty("exact", kl_coef=0.04, group=tp_group)
         >>> loss = pg_loss + penalty(policy_logits, ref_logits, tokens, mask=response_mask)
     """
 
     def __init__(
         self,
-        kind: PenaltyKind = "exact",
+        estimator: Estimator = "exact",
         *,
-        coef: float = 1.0,
+        kl_coef: float = 1.0,
         group: ProcessGroup | None = None,
+        layout: VocabLayout | None = None,
         reduction: Reduction = "token_mean",
         clamp: float | None = None,
         log_ratio_clamp: float | None = None,
         temperature: float = 1.0,
         valid_vocab_size: int | None = None,
+        options: Options | None = None,
     ) -> None:
         super().__init__()
-        canonical_kind(kind)
+        canonical_estimator(estimator)
         check_reduction(reduction)
-        self.kind = kind
-        self.coef = coef
+        self.estimator = estimator
+        self.kl_coef = kl_coef
         self.group = group
+        self.layout = layout
         self.reduction = reduction
         self.clamp = clamp
         self.log_ratio_clamp = log_ratio_clamp
         self.temperature = temperature
         self.valid_vocab_size = valid_vocab_size
+        self.options = check_options(options)
 
     def forward(
-        self, policy_logits: Tensor, ref_logits: Tensor, tokens: Tensor | None = None, mask: Tensor | None = None
+        self, p_logits: Tensor, q_logits: Tensor, tokens: Tensor | None = None, mask: Tensor | None = None
     ) -> Tensor:
         """The penalty; a scalar, or ``[...]`` per token with ``reduction="none"``."""
         value = kl_penalty(
-            policy_logits,
-            ref_logits,
+            p_logits,
+            q_logits,
             tokens,
-            kind=self.kind,
+            estimator=self.estimator,
             group=self.group,
+            layout=self.layout,
             mask=mask,
             reduction=self.reduction,
             clamp=self.clamp,
             log_ratio_clamp=self.log_ratio_clamp,
             temperature=self.temperature,
             valid_vocab_size=self.valid_vocab_size,
+            options=self.options,
         )
-        return value * self.coef if self.coef != 1.0 else value
+        return value * self.kl_coef if self.kl_coef != 1.0 else value
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> KLPenalty:
+        # process groups cannot be copied: the copy shares them
+        memo[id(self.group)] = self.group
+        if self.layout is not None:
+            memo[id(self.layout)] = self.layout
+        clone = copy.copy(self)
+        clone.__dict__ = copy.deepcopy(self.__dict__, memo)
+        return clone
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, coef={self.coef}, reduction={self.reduction!r}, clamp={self.clamp}"
+        return (
+            f"estimator={self.estimator!r}, kl_coef={self.kl_coef}, reduction={self.reduction!r}, clamp={self.clamp}"
+        )
 
 
 __all__ = ["KLPenalty"]

@@ -22,8 +22,8 @@ def check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def check_mask(mask: Tensor | None, shape: torch.Size) -> None:
-    """Raise for a mask that is not bool/0-1 or not shaped like the per-token result."""
+def check_mask(mask: object, shape: torch.Size) -> None:
+    """Raise for a mask that is not a bool/0-1 tensor shaped like the per-token result (one host sync)."""
     if mask is None:
         return
     if not isinstance(mask, Tensor):
@@ -50,8 +50,15 @@ def reduce_tokens(values: Tensor, mask: Tensor | None = None, *, reduction: Redu
     Returns:
         ``values``' shape for ``"none"``, else a scalar.
     """
+    if not isinstance(values, Tensor):
+        raise TypeError(f"values must be a torch.Tensor of per-token values, got {type(values).__name__}")
     check_reduction(reduction)
     check_mask(mask, values.shape)
+    return reduce_checked(values, mask, reduction)
+
+
+def reduce_checked(values: Tensor, mask: Tensor | None, reduction: str) -> Tensor:
+    """:func:`reduce_tokens` for a reduction and mask that were already checked (no host sync)."""
     weight = torch.ones_like(values) if mask is None else mask.to(device=values.device, dtype=values.dtype)
     masked = torch.where(weight > 0, values, torch.zeros((), dtype=values.dtype, device=values.device))
     if reduction == "none":

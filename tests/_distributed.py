@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from shardkl.layout import VocabLayout, shard_bounds
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -67,7 +69,7 @@ def split_sizes(vocab: int, world: int, pattern: str = "uneven") -> list[int]:
     """Per-rank vocabulary sizes: ``"even"`` (balanced) or ``"uneven"`` (unequal, with an empty shard for
     world sizes >= 3)."""
     if pattern == "even" or world == 1:
-        return [vocab // world + (r < vocab % world) for r in range(world)]
+        return [hi - lo for lo, hi in (shard_bounds(vocab, world, r, "balanced") for r in range(world))]
     weights = {2: [3, 2], 3: [0, 1, 1], 4: [2, 0, 3, 3]}[world]
     sizes = [vocab * w // sum(weights) for w in weights]
     sizes[-1] += vocab - sum(sizes)
@@ -77,3 +79,11 @@ def split_sizes(vocab: int, world: int, pattern: str = "uneven") -> list[int]:
 def local_slice(x: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
     start = sum(sizes[:rank])
     return x[..., start : start + sizes[rank]]
+
+
+def local_layout(sizes: list[int], rank: int, group: Any = None, **kwargs: Any) -> VocabLayout:
+    """This rank's :class:`shardkl.VocabLayout` for per-rank ``sizes`` (the group defaults to WORLD if initialised)."""
+    if group is None and dist.is_initialized() and len(sizes) > 1:
+        group = dist.group.WORLD
+    start = sum(sizes[:rank])
+    return VocabLayout(start, start + sizes[rank], group=group, **kwargs)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import shardkl
 from shardkl._validation import NUM_META
 from shardkl.kernels import eager
-from tests._distributed import local_slice, run_ranks, split_sizes
+from tests._distributed import local_layout, local_slice, run_ranks, split_sizes
 from tests.reference import reference
 
 VOCAB = 1003
@@ -42,7 +42,8 @@ def _check_values_and_gradients(rank: int, world: int, pattern: str) -> None:
             _weighted_loss(ref, weights).backward()
             x = local_slice(ag, sizes, rank).detach().clone().requires_grad_()
             y = local_slice(bg, sizes, rank).detach().clone().requires_grad_()
-            got = shardkl.kl_stats(x, y, tokens, group=dist.group.WORLD, temperature=temperature)._asdict()
+            layout = local_layout(sizes, rank)
+            got = shardkl.kl_stats(x, y, tokens, layout=layout, temperature=temperature)._asdict()
             tol = TOL[dtype]
             for name in NAMES:
                 torch.testing.assert_close(got[name].double(), ref[name].detach(), rtol=tol, atol=tol, msg=name)
@@ -53,10 +54,11 @@ def _check_values_and_gradients(rank: int, world: int, pattern: str) -> None:
                 torch.testing.assert_close(
                     mine.double(), local_slice(full, sizes, rank), rtol=gtol, atol=gtol * 1e-2
                 )
-            lp = shardkl.token_logprobs(local_slice(ag, sizes, rank), tokens, group=dist.group.WORLD,
-                                        temperature=temperature)
+            lp = shardkl.token_logprobs(local_slice(ag, sizes, rank), tokens, layout=layout, temperature=temperature)
             torch.testing.assert_close(lp.double(), ref["p_logprobs"].detach(), rtol=tol, atol=tol)
-            ent = shardkl.entropy(local_slice(ag, sizes, rank), group=dist.group.WORLD, temperature=temperature)
+            # without tokens the offsets do not matter: any split works with a plain group
+            group = dist.group.WORLD if world > 1 else None
+            ent = shardkl.entropy(local_slice(ag, sizes, rank), group=group, temperature=temperature)
             torch.testing.assert_close(ent.double(), ref["entropy"].detach(), rtol=tol, atol=tol)
 
 
@@ -75,19 +77,19 @@ def _check_collectives_and_padding(rank: int, world: int) -> None:
     a, b, tokens, _ = _global_inputs()
     x = local_slice(a, sizes, rank).float().requires_grad_()
     y = local_slice(b, sizes, rank).float().requires_grad_()
-    shardkl.kl_stats(x, y, tokens, group=group)  # learns the uneven split
+    layout = local_layout(sizes, rank)
+    # the very first call of this process: one collective, no warm-up, nothing learned or cached
     with shardkl.count_collectives() as fwd:
-        stats = shardkl.kl_stats(x, y, tokens, group=group)
+        stats = shardkl.kl_stats(x, y, tokens, layout=layout)
     with shardkl.count_collectives() as bwd:
         (stats.exact_kl.sum() + stats.k3.sum() + stats.entropy.sum()).backward()
     assert fwd.total == 1, fwd.calls
     assert bwd.total == 0, bwd.calls
     # bytes per token per rank do not depend on the vocabulary
     tokens_count = tokens.numel()
-    shardkl.kl_stats(torch.cat([x, x], -1).detach(), torch.cat([y, y], -1).detach(), tokens, group=group)
+    wide = local_layout([2 * s for s in sizes], rank)
     with shardkl.count_collectives() as wide2:
-        shardkl.kl_stats(torch.cat([x, x], -1).detach(), torch.cat([y, y], -1).detach(),
-                         tokens, group=group)
+        shardkl.kl_stats(torch.cat([x, x], -1).detach(), torch.cat([y, y], -1).detach(), tokens, layout=wide)
     assert wide2.total == 1 and wide2.bytes_sent == fwd.bytes_sent
     # 4 stats + 2 sampled-token logits per token in float64, plus the per-rank metadata
     assert fwd.bytes_sent == (4 + 2) * 8 * tokens_count + 8 * NUM_META
@@ -99,7 +101,7 @@ def _check_collectives_and_padding(rank: int, world: int) -> None:
         minus_inf = torch.full((*a.shape[:-1], pad), float("-inf"), dtype=a.dtype)
         xp, yp = torch.cat([xp, minus_inf], -1), torch.cat([yp, minus_inf], -1)
     xp, yp = xp.requires_grad_(), yp.requires_grad_()
-    got = shardkl.kl_stats(xp, yp, tokens, group=group)
+    got = shardkl.kl_stats(xp, yp, tokens, layout=local_layout([*sizes[:-1], sizes[-1] + pad], rank))
     ref = reference(a, b, tokens)
     for name in NAMES:
         torch.testing.assert_close(getattr(got, name), ref[name], msg=name)
@@ -110,7 +112,12 @@ def _check_collectives_and_padding(rank: int, world: int) -> None:
 
     # token ids beyond the global vocabulary raise on every rank
     with pytest.raises(ValueError, match=rf"\[0, {VOCAB}\)"):
-        shardkl.token_logprobs(x.detach(), torch.full_like(tokens, VOCAB), group=group)
+        shardkl.token_logprobs(x.detach(), torch.full_like(tokens, VOCAB), layout=layout)
+    # with tokens, an uneven split without a layout raises the same error on every rank (no silent offsets)
+    with pytest.raises(ValueError, match="do not tile the vocabulary.*equal split"):
+        shardkl.kl_stats(x, y, tokens, group=group)
+    # without tokens the offsets do not matter: a plain group gives the exact KL for any split
+    torch.testing.assert_close(shardkl.exact_kl(x, y, group=group), ref["exact_kl"].float())
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import shardkl
-from shardkl.losses import KIND_ALIASES, PENALTY_KINDS
-from tests._distributed import local_slice, run_ranks, split_sizes
+from shardkl.losses import ESTIMATOR_ALIASES, ESTIMATORS
+from tests._distributed import local_layout, local_slice, run_ranks, split_sizes
 from tests.reference import reference
 
 VOCAB = 13
@@ -46,18 +45,18 @@ EXPECTED_GRADIENT = {
 }
 
 
-@pytest.mark.parametrize("kind", PENALTY_KINDS)
+@pytest.mark.parametrize("kind", ESTIMATORS)
 def test_mean_gradient_of_each_kind_converges_where_theory_says(kind: str) -> None:
     a, b = _policies()
     targets = _kl_gradients(a, b)
-    canonical = KIND_ALIASES.get(kind, kind)
+    canonical = ESTIMATOR_ALIASES.get(kind, kind)
     tokens = torch.multinomial(
         torch.softmax(a, -1), SAMPLES, replacement=True, generator=torch.Generator().manual_seed(99)
     )  # on-policy: x ~ π
     policy = a.expand(SAMPLES, VOCAB).clone().requires_grad_()
     ref = b.expand(SAMPLES, VOCAB)
     # "sum": row i of the gradient is sample i's own gradient, so the standard error comes from the samples
-    shardkl.kl_penalty(policy, ref, tokens, kind=kind, reduction="sum").backward()
+    shardkl.kl_penalty(policy, ref, tokens, estimator=kind, reduction="sum").backward()
     per_sample = policy.grad
     mean = per_sample.mean(0)
     stderr = per_sample.std(0) / SAMPLES**0.5
@@ -82,7 +81,7 @@ def test_straight_through_kinds_have_the_estimator_value_and_the_k2_gradient() -
     grads = {}
     for kind in ("k1", "k2", "k3", "k1+", "k3+"):
         x = a.clone().requires_grad_()
-        value = shardkl.kl_penalty(x, b, tokens, kind=kind, reduction="none")
+        value = shardkl.kl_penalty(x, b, tokens, estimator=kind, reduction="none")
         value.sum().backward()
         grads[kind] = (value.detach(), x.grad)
     ref = reference(a, b, tokens)
@@ -99,26 +98,26 @@ def test_clamps_as_in_verl() -> None:
     a = torch.tensor([[-40.0, 0.0, 0.0]], dtype=torch.float64)
     b = torch.tensor([[0.0, 0.0, 0.0]], dtype=torch.float64)  # log r = log π_ref(0) - log π(0) = 39.6
     tokens = torch.tensor([0])
-    k3 = shardkl.kl_penalty(a, b, tokens, kind="low_var_kl", reduction="none")
+    k3 = shardkl.kl_penalty(a, b, tokens, estimator="low_var_kl", reduction="none")
     assert k3.item() > 1e16
-    clamped = shardkl.kl_penalty(a, b, tokens, kind="low_var_kl", reduction="none", clamp=10.0,
+    clamped = shardkl.kl_penalty(a, b, tokens, estimator="low_var_kl", reduction="none", clamp=10.0,
                                  log_ratio_clamp=20.0)
     assert clamped.item() == 10.0
     log_r = torch.tensor(20.0, dtype=torch.float64)
-    inner = shardkl.kl_penalty(a, b, tokens, kind="k3", reduction="none", log_ratio_clamp=20.0)
+    inner = shardkl.kl_penalty(a, b, tokens, estimator="k3", reduction="none", log_ratio_clamp=20.0)
     torch.testing.assert_close(inner, (log_r.exp() - 1 - log_r).reshape(1))
     x = a.clone().requires_grad_()
-    shardkl.kl_penalty(x, b, tokens, kind="k3", reduction="sum", clamp=10.0).backward()
+    shardkl.kl_penalty(x, b, tokens, estimator="k3", reduction="sum", clamp=10.0).backward()
     assert (x.grad == 0).all(), "a clamped value passes no gradient"
     x.grad = None
-    shardkl.kl_penalty(x, b, tokens, kind="k3+", reduction="sum", clamp=10.0).backward()
+    shardkl.kl_penalty(x, b, tokens, estimator="k3+", reduction="sum", clamp=10.0).backward()
     assert x.grad.abs().sum() > 0, "the straight-through gradient is k2's, unclamped"
-    exact = shardkl.kl_penalty(a, b, kind="exact", reduction="none", clamp=0.25)
+    exact = shardkl.kl_penalty(a, b, estimator="exact", reduction="none", clamp=0.25)
     assert exact.item() == 0.25  # KL = log(3/2) = 0.405 without the clamp
-    with pytest.raises(ValueError, match="log_ratio_clamp applies to the sampled kinds"):
-        shardkl.kl_penalty(a, b, kind="exact", log_ratio_clamp=20.0)
+    with pytest.raises(ValueError, match="log_ratio_clamp applies to the sampled estimators"):
+        shardkl.kl_penalty(a, b, estimator="exact", log_ratio_clamp=20.0)
     with pytest.raises(ValueError, match="clamp must be a number > 0"):
-        shardkl.kl_penalty(a, b, kind="exact", clamp=-1.0)
+        shardkl.kl_penalty(a, b, estimator="exact", clamp=-1.0)
 
 
 def test_kinds_reductions_and_errors() -> None:
@@ -133,17 +132,17 @@ def test_kinds_reductions_and_errors() -> None:
             shardkl.kl_penalty(a, b, mask=mask, reduction=reduction),
             shardkl.reduce_tokens(per_token, mask, reduction=reduction),
         )
-    for alias, kind in KIND_ALIASES.items():
+    for alias, kind in ESTIMATOR_ALIASES.items():
         torch.testing.assert_close(
-            shardkl.kl_penalty(a, b, tokens, kind=alias), shardkl.kl_penalty(a, b, tokens, kind=kind)
+            shardkl.kl_penalty(a, b, tokens, estimator=alias), shardkl.kl_penalty(a, b, tokens, estimator=kind)
         )
     torch.testing.assert_close(
-        shardkl.kl_penalty(a, b, tokens, kind="k3", reduction="none"), shardkl.sampled_kl(a, b, tokens)
+        shardkl.kl_penalty(a, b, tokens, estimator="k3", reduction="none"), shardkl.sampled_kl(a, b, tokens)
     )
     with pytest.raises(ValueError, match="needs tokens"):
-        shardkl.kl_penalty(a, b, kind="k3")
-    with pytest.raises(ValueError, match="kind must be one of"):
-        shardkl.kl_penalty(a, b, tokens, kind="k4")  # type: ignore[arg-type]
+        shardkl.kl_penalty(a, b, estimator="k3")
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        shardkl.kl_penalty(a, b, tokens, estimator="k4")  # type: ignore[arg-type]
 
 
 def test_kl_penalty_module() -> None:
@@ -151,12 +150,12 @@ def test_kl_penalty_module() -> None:
     a = torch.randn(2, 5, 30, generator=g, requires_grad=True)
     b = torch.randn(2, 5, 30, generator=g)
     tokens = torch.randint(0, 30, (2, 5), generator=g)
-    module = shardkl.nn.KLPenalty("k3+", coef=0.25, reduction="seq_mean_token_mean")
+    module = shardkl.nn.KLPenalty("k3+", kl_coef=0.25, reduction="seq_mean_token_mean")
     got = module(a, b, tokens)
-    torch.testing.assert_close(got, 0.25 * shardkl.kl_penalty(a, b, tokens, kind="k3+",
+    torch.testing.assert_close(got, 0.25 * shardkl.kl_penalty(a, b, tokens, estimator="k3+",
                                                                reduction="seq_mean_token_mean"))
     assert "k3+" in repr(module)
-    with pytest.raises(ValueError, match="kind must be one of"):
+    with pytest.raises(ValueError, match="estimator must be one of"):
         shardkl.nn.KLPenalty("bogus")  # type: ignore[arg-type]
 
 
@@ -167,7 +166,7 @@ def test_grpo_loss_terms() -> None:
     tokens = torch.randint(0, 25, (4, 6), generator=g)
     advantages = torch.randn(4, 1, generator=g, dtype=torch.float64)
     mask = torch.rand(4, 6, generator=g) > 0.3
-    out = shardkl.grpo_loss(a, b, tokens, advantages, beta=0.1, mask=mask)
+    out = shardkl.grpo_loss(a, b, tokens, advantages, kl_coef=0.1, mask=mask)
     ref = reference(a, b, tokens)
     expected_pg = shardkl.reduce_tokens(-advantages * ref["p_logprobs"], mask, reduction="token_mean")
     expected_kl = shardkl.reduce_tokens(ref["exact_kl"], mask, reduction="token_mean")
@@ -177,8 +176,11 @@ def test_grpo_loss_terms() -> None:
     (grad,) = torch.autograd.grad(out.loss, a)
     (expected_grad,) = torch.autograd.grad(expected_pg + 0.1 * expected_kl, a)
     torch.testing.assert_close(grad, expected_grad)
-    with pytest.raises(ValueError, match="advantages must broadcast"):
-        shardkl.grpo_loss(a, b, tokens, torch.zeros(5), beta=0.1)
+    # one advantage per sequence may come as [B] as well as [B, 1]
+    per_sequence = shardkl.grpo_loss(a, b, tokens, advantages.squeeze(-1), kl_coef=0.1, mask=mask)
+    torch.testing.assert_close(per_sequence.loss, out.loss)
+    with pytest.raises(ValueError, match=r"advantages must be per token \(4, 6\) or per sequence \(4,\) or \(4, 1\)"):
+        shardkl.grpo_loss(a, b, tokens, torch.zeros(5), kl_coef=0.1)
 
 
 def _check_kinds_sharded(rank: int, world: int) -> None:
@@ -190,14 +192,14 @@ def _check_kinds_sharded(rank: int, world: int) -> None:
     mask = torch.rand(3, 7, generator=g) > 0.2
     for kind in ("exact", "k1", "k2", "k3", "k1+", "k3+"):
         full = a.clone().requires_grad_()
-        expected = shardkl.kl_penalty(full, b, tokens, kind=kind, mask=mask)
+        expected = shardkl.kl_penalty(full, b, tokens, estimator=kind, mask=mask)
         expected.backward()
         x = local_slice(a, sizes, rank).clone().requires_grad_()
         with shardkl.count_collectives() as counter:
-            got = shardkl.kl_penalty(x, local_slice(b, sizes, rank), tokens, kind=kind, mask=mask,
-                                     group=dist.group.WORLD)
+            got = shardkl.kl_penalty(x, local_slice(b, sizes, rank), tokens, estimator=kind, mask=mask,
+                                     layout=local_layout(sizes, rank))
             got.backward()
-        assert counter.total <= 2, counter.calls  # one, plus one on a first call with an uneven split
+        assert counter.total == 1, counter.calls
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(x.grad, local_slice(full.grad, sizes, rank), rtol=1e-10, atol=1e-14)
 

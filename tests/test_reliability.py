@@ -19,9 +19,18 @@ from tests._distributed import run_ranks
 VOCAB = 101
 
 
+def _cuts(world: int) -> list[int]:
+    return [0, 40, VOCAB] if world == 2 else [0, 30, 30, VOCAB]
+
+
 def _slice(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    cuts = [0, 40, VOCAB] if world == 2 else [0, 30, 30, VOCAB]
+    cuts = _cuts(world)
     return x[..., cuts[rank] : cuts[rank + 1]]
+
+
+def _layout(rank: int, world: int, **kwargs) -> shardkl.VocabLayout:
+    cuts = _cuts(world)
+    return shardkl.VocabLayout(cuts[rank], cuts[rank + 1], group=dist.group.WORLD, **kwargs)
 
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,12 +57,23 @@ def _mismatches(rank: int, world: int) -> None:
     _expect_same_error("p_logits of different dtypes", lambda: shardkl.entropy(typed, group=group))
     # a declared vocabulary size that the shards do not add up to
     _expect_same_error(
-        rf"sum to {VOCAB}, but vocab_size={VOCAB + 1}",
-        lambda: shardkl.exact_kl(x, y, group=group, vocab_size=VOCAB + 1),
+        rf"hold {VOCAB} ids, but the layout declares vocab_size={VOCAB + 1}",
+        lambda: shardkl.exact_kl(x, y, layout=_layout(rank, world, vocab_size=VOCAB + 1)),
     )
+    # a layout whose slices leave a gap
+    gap = shardkl.VocabLayout(_cuts(world)[rank] + rank, _cuts(world)[rank + 1] + rank, group=group)
+    _expect_same_error("do not tile the vocabulary", lambda: shardkl.exact_kl(x, y, layout=gap))
+    # a layout on some ranks only
+    mixed = {"layout": _layout(rank, world)} if rank == 0 else {"group": group}
+    _expect_same_error("some ranks passed layout=", lambda: shardkl.exact_kl(x, y, **mixed))
     # a token id out of range on one rank only
     bad_tokens = tokens if rank == 0 else tokens.clone().fill_(VOCAB)
-    _expect_same_error(rf"\[0, {VOCAB}\)", lambda: shardkl.sampled_kl(x, y, bad_tokens, group=group))
+    _expect_same_error(
+        rf"\[0, {VOCAB}\)", lambda: shardkl.sampled_kl(x, y, bad_tokens, layout=_layout(rank, world))
+    )
+    # a mask with a 2 on one rank only
+    mask = torch.ones(tokens.shape) if rank == 0 else torch.full(tokens.shape, 2.0)
+    _expect_same_error("mask must be bool or hold only 0 and 1", lambda: shardkl.exact_kl(x, y, group=group, mask=mask))
     # NaN in one rank's slice
     poisoned = y.clone()
     if rank == world - 1:
@@ -68,11 +88,12 @@ def _mismatches(rank: int, world: int) -> None:
         "different temperatures", lambda: shardkl.exact_kl(x, y, group=group, temperature=1.0 + rank)
     )
     # every check above completed its collective: the group still works and gives the right answer
-    got = shardkl.exact_kl(x, y, group=group, vocab_size=VOCAB)
+    got = shardkl.exact_kl(x, y, layout=_layout(rank, world, vocab_size=VOCAB))
     torch.testing.assert_close(got, shardkl.exact_kl(a, b))
     # validate=False skips the cross-rank checks (the caller vouches for them), but not token or NaN checks
-    torch.testing.assert_close(shardkl.exact_kl(x, y, group=group, validate=False), got)
-    _expect_same_error("NaN", lambda: shardkl.exact_kl(x, poisoned, group=group, validate=False))
+    unchecked = shardkl.Options(validate=False)
+    torch.testing.assert_close(shardkl.exact_kl(x, y, group=group, options=unchecked), got)
+    _expect_same_error("NaN", lambda: shardkl.exact_kl(x, poisoned, group=group, options=unchecked))
 
 
 @pytest.mark.parametrize("world", [2, 3])

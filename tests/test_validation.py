@@ -23,7 +23,7 @@ def test_nan_raises_by_default_and_propagates_on_request() -> None:
     b[1, 5] = float("nan")
     with pytest.raises(ValueError, match=r"q_logits holds NaN in 1 token row\(s\) of rank 0.*index 1.*propagate"):
         shardkl.exact_kl(a, b)
-    kl = shardkl.exact_kl(a, b, nan_policy="propagate")
+    kl = shardkl.exact_kl(a, b, options=shardkl.Options(nan_policy="propagate"))
     assert math.isnan(kl[1].item()) and torch.isfinite(kl[[0, 2]]).all()
     a[2, 0] = float("nan")
     with pytest.raises(ValueError, match="p_logits holds NaN"):
@@ -37,7 +37,7 @@ def test_plus_inf_logits_raise_clearly() -> None:
     a[0, 3] = float("inf")
     with pytest.raises(ValueError, match=r"p_logits holds \+inf.*finite or -inf"):
         shardkl.exact_kl(a, b)
-    assert math.isnan(shardkl.exact_kl(a, b, nan_policy="propagate")[0].item())
+    assert math.isnan(shardkl.exact_kl(a, b, options=shardkl.Options(nan_policy="propagate"))[0].item())
 
 
 def test_row_entirely_minus_inf() -> None:
@@ -122,15 +122,19 @@ def test_same_tensor_expanded_and_strided_inputs_work() -> None:
     ("call", "error", "text"),
     [
         (lambda a: shardkl.exact_kl(a, a.to("meta")), ValueError, "one device"),
-        (lambda a: shardkl.exact_kl(a, a, nan_policy="ignore"), ValueError, "nan_policy must be one of"),
-        (lambda a: shardkl.exact_kl(a, a, validate="yes"), TypeError, "validate must be a bool"),
-        (lambda a: shardkl.exact_kl(a, a, vocab_size=-1), ValueError, "vocab_size must be a non-negative int"),
+        (lambda a: shardkl.Options(nan_policy="ignore"), ValueError, "nan_policy must be one of"),
+        (lambda a: shardkl.Options(validate="yes"), TypeError, "validate must be a bool"),
+        (lambda a: shardkl.Options(timeout_s=0), ValueError, "timeout must be a finite number of seconds > 0"),
+        (lambda a: shardkl.exact_kl(a, a, options={"impl": "eager"}), TypeError, "options must be a shardkl.Options"),
+        (lambda a: shardkl.VocabLayout(0, 40, vocab_size=39), ValueError, "vocab_size must be >= 40"),
+        (lambda a: shardkl.exact_kl(a, a, layout=shardkl.VocabLayout(0, 41)), ValueError, "holds ids \\[0, 41\\)"),
         (lambda a: shardkl.exact_kl(a, a, temperature=float("nan")), ValueError, "temperature"),
         (lambda a: shardkl.exact_kl(a, a, temperature="1"), TypeError, "temperature must be a positive number"),
         (lambda a: shardkl.exact_kl(a.numpy(), a), TypeError, "p_logits must be a torch.Tensor"),
         (lambda a: shardkl.exact_kl(a, None), TypeError, "q_logits must be a torch.Tensor"),
         (lambda a: shardkl.exact_kl(a[0, 0], a[0, 0]), ValueError, "at least 1-D"),
-        (lambda a: shardkl.exact_kl(a, a, vocab_size=41), ValueError, "sum to 40, but vocab_size=41"),
+        (lambda a: shardkl.exact_kl(a, a, layout=shardkl.VocabLayout(0, 40, vocab_size=41)), ValueError,
+         "hold 40 ids, but the layout declares vocab_size=41"),
         (lambda a: shardkl.token_logprobs(a, torch.tensor([0, 1, -1])), ValueError, r"\[0, 40\).*min -1"),
         (lambda a: shardkl.token_logprobs(a, torch.tensor([0.0, 1.0, 2.0])), TypeError, "integer dtype"),
         (lambda a: shardkl.sampled_kl(a, a, torch.zeros(3, dtype=torch.long), estimator="k5"), ValueError,
@@ -148,4 +152,5 @@ def test_bad_inputs_name_the_argument(call, error, text) -> None:
 
 def test_declared_vocab_size_that_matches_passes() -> None:
     a, b = _pair()
-    torch.testing.assert_close(shardkl.exact_kl(a, b, vocab_size=40), shardkl.exact_kl(a, b))
+    layout = shardkl.VocabLayout.full(40)
+    torch.testing.assert_close(shardkl.exact_kl(a, b, layout=layout), shardkl.exact_kl(a, b))

@@ -33,7 +33,7 @@ class TPWorker:
         local = PADDED // self.world
         cols = slice(self.rank * local, (self.rank + 1) * local)
         x = policy[..., cols].clone().requires_grad_()
-        loss = shardkl.kl_penalty(x, ref[..., cols], tokens, kind=kind, group=self.tp_group,
+        loss = shardkl.kl_penalty(x, ref[..., cols], tokens, estimator=kind, group=self.tp_group,
                                   valid_vocab_size=VOCAB)
         loss.backward()
         return loss.detach(), x.grad
@@ -53,7 +53,7 @@ def test_ray_workers_match_one_process() -> None:
         for kind in ("exact", "k3+"):
             results = ray.get([w.penalty.remote(policy, ref, tokens, kind) for w in workers])
             full = policy[..., :VOCAB].clone().requires_grad_()
-            expected = shardkl.kl_penalty(full, ref[..., :VOCAB], tokens, kind=kind)
+            expected = shardkl.kl_penalty(full, ref[..., :VOCAB], tokens, estimator=kind)
             expected.backward()
             grad = torch.cat([r[1] for r in results], dim=-1)
             for loss, _ in results:

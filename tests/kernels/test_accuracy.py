@@ -19,9 +19,9 @@ def _compiled_graphs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 IMPLS = {
-    "eager": lambda a, b: shardkl.exact_kl(a, b, impl="eager"),
+    "eager": lambda a, b: shardkl.exact_kl(a, b, options=shardkl.Options(impl="eager")),
     # on CPU: the C++ kernels
-    "compiled": lambda a, b: shardkl.exact_kl(a, b, impl="compiled"),
+    "compiled": lambda a, b: shardkl.exact_kl(a, b, options=shardkl.Options(impl="compiled")),
     "compiled graphs": _compiled_graphs,
 }
 

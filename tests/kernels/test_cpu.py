@@ -119,7 +119,7 @@ def test_public_api_matches_eager_values_and_gradients(shape, dtype, temperature
     results = {}
     for impl in ("eager", "compiled"):
         x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
-        stats = shardkl.kl_stats(x, y, tokens, temperature=temperature, impl=impl)
+        stats = shardkl.kl_stats(x, y, tokens, temperature=temperature, options=shardkl.Options(impl=impl))
         (stats.exact_kl.sum() + 0.3 * stats.entropy.sum() + stats.k3.sum() + stats.p_logprobs.sum()).backward()
         results[impl] = (stats, x.grad, y.grad)
     (s_e, ga_e, gb_e), (s_c, ga_c, gb_c) = results["eager"], results["compiled"]

@@ -18,7 +18,7 @@ F32 = torch.float32
 
 def test_impl_is_checked_and_auto_picks_eager_for_small_cpu_calls() -> None:
     with pytest.raises(ValueError, match="impl must be one of"):
-        shardkl.exact_kl(torch.zeros(2, 3), torch.zeros(2, 3), impl="cuda")
+        shardkl.exact_kl(torch.zeros(2, 3), torch.zeros(2, 3), options=shardkl.Options(impl="cuda"))
     assert kernels.resolve("auto", CPU, F32, 1000) is eager.KERNELS
     assert kernels.resolve("eager", CPU, F32, 1 << 30) is eager.KERNELS
     big = kernels.resolve("auto", CPU, F32, 1 << 30)
@@ -119,8 +119,8 @@ def test_cpu_compiled_falls_back_to_graphs_when_the_cpp_build_fails(monkeypatch)
     a, b, _ = case((4, 50), F32)
     message = "building the C\\+\\+ CPU kernels failed .*g\\+\\+: not found.*torch.compile"
     with pytest.warns(RuntimeWarning, match=message):
-        got = shardkl.exact_kl(a, b, impl="compiled")
-    torch.testing.assert_close(got, shardkl.exact_kl(a, b, impl="eager"))
+        got = shardkl.exact_kl(a, b, options=shardkl.Options(impl="compiled"))
+    torch.testing.assert_close(got, shardkl.exact_kl(a, b, options=shardkl.Options(impl="eager")))
 
 
 def test_auto_falls_back_to_eager_when_no_compiler_works(monkeypatch) -> None:
@@ -135,13 +135,13 @@ def test_auto_falls_back_to_eager_when_no_compiler_works(monkeypatch) -> None:
     a, b, _ = case((3, 50), F32)
     x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
     with pytest.warns(RuntimeWarning) as record:
-        got = shardkl.exact_kl(x, y, impl="auto")
+        got = shardkl.exact_kl(x, y, options=shardkl.Options(impl="auto"))
         got.sum().backward()
     messages = [str(w.message) for w in record]
     assert any("torch.compile graphs" in m for m in messages) and any("eager kernels" in m for m in messages)
-    torch.testing.assert_close(got, shardkl.exact_kl(a, b, impl="eager"))
+    torch.testing.assert_close(got, shardkl.exact_kl(a, b, options=shardkl.Options(impl="eager")))
     # an explicit impl="compiled" does not hide the graphs' failure
     monkeypatch.setattr(kernels, "_resolved", {})
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        shardkl.exact_kl(a, b, impl="compiled")
+        shardkl.exact_kl(a, b, options=shardkl.Options(impl="compiled"))

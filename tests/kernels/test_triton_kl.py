@@ -166,7 +166,7 @@ def test_public_api_matches_eager(monkeypatch, shape, dtype, temperature) -> Non
     results = {}
     for impl in ("eager", "triton"):
         x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
-        stats = shardkl.kl_stats(x, y, tokens, temperature=temperature, impl=impl)
+        stats = shardkl.kl_stats(x, y, tokens, temperature=temperature, options=shardkl.Options(impl=impl))
         (stats.exact_kl.sum() + 0.3 * stats.entropy.sum() + stats.k3.sum() + stats.p_logprobs.sum()).backward()
         results[impl] = (stats, x.grad, y.grad)
     (s_e, ga_e, gb_e), (s_t, ga_t, gb_t) = results["eager"], results["triton"]
@@ -185,7 +185,7 @@ def test_triton_needs_cuda_or_the_interpreter(monkeypatch) -> None:
     with pytest.raises(ValueError, match="needs a CUDA device"):
         triton_kl.kernels(torch.device("cpu"))
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        shardkl.exact_kl(torch.zeros(2, 3), torch.zeros(2, 3), impl="triton")
+        shardkl.exact_kl(torch.zeros(2, 3), torch.zeros(2, 3), options=shardkl.Options(impl="triton"))
 
 
 _COMPILE_FOR_CUDA = """

@@ -2,7 +2,7 @@
 
 Reference logits ``~ N(0, 1)`` of shape ``[batch, seq, vocab]``, new logits ``= reference + delta * N(0, 1)``,
 tokens sampled from the reference, then the exact KL(reference‖new) next to Schulman's k1, k2, k3. Each rank
-generates only its vocabulary slice (``shardkl.simulate``), so the numbers do not depend on the world size.
+generates only its vocabulary slice (``shardkl.apps.synthetic``), so the numbers do not depend on the world size.
 :func:`run_rank` is the per-worker function of every launcher (torchrun, Ray).
 """
 
@@ -18,9 +18,11 @@ from typing import Any
 import torch
 
 import shardkl
-from shardkl.config import ExperimentConfig
+from shardkl.apps.config import ExperimentConfig
+from shardkl.apps.synthetic import sharded_normal
 from shardkl.distributed import ProcessGroup, all_gather_flat, rank_and_size
-from shardkl.simulate import gumbel_max_sample, sharded_normal, vocab_range
+from shardkl.layout import VocabLayout
+from shardkl.sampling import sample_tokens
 
 _DTYPES = {
     "float32": torch.float32,
@@ -58,7 +60,8 @@ def run_rank(
     """
     device = device or torch.device("cpu")
     rank, world = rank_and_size(group)
-    start, stop = vocab_range(config.vocab_size, rank, world)
+    layout = VocabLayout.split(config.vocab_size, group, "balanced")
+    start, stop = layout.start, layout.stop
     rows = config.batch_size * config.seq_len
     dtype = _DTYPES[config.dtype]
     wall0 = time.perf_counter()
@@ -75,10 +78,9 @@ def run_rank(
 
     _log(rank, f"sampling {config.samples} token(s) per position from the reference (Gumbel-max)")
     t0 = time.perf_counter()
-    tokens = gumbel_max_sample(
-        ref_logits.cpu(), start, config.vocab_size, seed=config.seed, samples=config.samples,
-        temperature=config.temperature, group=group,
-    ).to(device)
+    tokens = sample_tokens(
+        ref_logits, seed=config.seed, layout=layout, num_samples=config.samples, temperature=config.temperature
+    )
     sample_s = time.perf_counter() - t0
 
     _log(rank, "computing exact KL and estimators")
@@ -89,9 +91,7 @@ def run_rank(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    stats = shardkl.kl_stats(
-        ref_view, new_view, tokens.view(shape[:-1]), group=group, temperature=config.temperature
-    )
+    stats = shardkl.kl_stats(ref_view, new_view, tokens.view(shape[:-1]), layout=layout, temperature=config.temperature)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     compute_s = time.perf_counter() - t0

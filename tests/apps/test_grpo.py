@@ -16,11 +16,11 @@ import torch.distributed as dist
 pytest.importorskip("transformers")
 
 import shardkl  # noqa: E402
-from shardkl.tp import TPConfig, build_policy_and_reference, grpo_step, rollout  # noqa: E402
+from shardkl.apps.grpo import TPConfig, build_policy_and_reference, grpo_step, rollout  # noqa: E402
 from tests._distributed import run_ranks  # noqa: E402
 from tests.reference import reference  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = TPConfig(vocab_size=1003, hidden_size=64, layers=2, prompts=2, group_size=3, response_len=8, steps=2)
 
 
@@ -79,9 +79,9 @@ def _check_parity(rank: int, world: int, config: TPConfig) -> None:
         assert got.exact_kl_after == pytest.approx(textbook.item(), rel=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["exact", "k3+"])
-def test_tp_grpo_step_matches_one_process(kind: str) -> None:
-    run_ranks(_check_parity, 2, dataclasses.replace(CONFIG, kind=kind))
+@pytest.mark.parametrize("estimator", ["exact", "k3+"])
+def test_tp_grpo_step_matches_one_process(estimator: str) -> None:
+    run_ranks(_check_parity, 2, dataclasses.replace(CONFIG, estimator=estimator))
 
 
 @pytest.mark.slow
@@ -99,7 +99,7 @@ def test_train_tp_under_torchrun(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     # the command line (steps=2) wins over the file (steps=3), the file (response_len=10) over the defaults (12)
     assert result["world_size"] == 2 and len(result["steps"]) == 2
-    assert result["config"]["response_len"] == 10 and result["config"]["kind"] == "exact"
+    assert result["config"]["response_len"] == 10 and result["config"]["estimator"] == "exact"
     assert result["steps"][0]["kl_penalty"] == 0.0
     assert all(step["exact_kl_after"] > 1e-3 for step in result["steps"])
     verify = result["verify"]

@@ -160,17 +160,17 @@ def _check_hf_llama(rank: int, world: int) -> None:
     assert isinstance(logits, DTensor) and tuple(logits.placements) == (Shard(2),)
     with torch.no_grad():
         ref_logits = reference_model(ids).logits[:, 3:-1]
-    loss = shardkl.kl_penalty(logits, ref_logits, tokens, mask=mask, kind="k3+")
+    loss = shardkl.kl_penalty(logits, ref_logits, tokens, mask=mask, estimator="k3+")
     loss.backward()
     full_ref = ref_logits.full_tensor()
-    expected = shardkl.kl_penalty(one(ids).logits[:, 3:-1], full_ref, tokens, mask=mask, kind="k3+")
+    expected = shardkl.kl_penalty(one(ids).logits[:, 3:-1], full_ref, tokens, mask=mask, estimator="k3+")
     expected.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-14)
     # grpo_loss takes the same DTensor logits (values only here; the gradients are checked above)
     advantages = torch.tensor([[0.5], [-1.0]], dtype=torch.float64)
     with torch.no_grad():
-        out = shardkl.grpo_loss(policy(ids).logits[:, 3:-1], ref_logits, tokens, advantages, beta=0.1, mask=mask)
-        one_out = shardkl.grpo_loss(one(ids).logits[:, 3:-1], full_ref, tokens, advantages, beta=0.1, mask=mask)
+        out = shardkl.grpo_loss(policy(ids).logits[:, 3:-1], ref_logits, tokens, advantages, kl_coef=0.1, mask=mask)
+        one_out = shardkl.grpo_loss(one(ids).logits[:, 3:-1], full_ref, tokens, advantages, kl_coef=0.1, mask=mask)
     torch.testing.assert_close(out.loss, one_out.loss, rtol=1e-10, atol=1e-14)
     one_params = dict(one.named_parameters())
     for name, param in policy.named_parameters():

@@ -1,15 +1,10 @@
-"""A tensor-parallel GRPO step around shardkl: the reusable pieces of ``launch/train_tp.py``.
+"""A tensor-parallel GRPO demo around shardkl (application code behind ``launch/train_tp.py``).
 
-The layout is Megatron's for the output layer: the transformer trunk is replicated on every rank of the
-tensor-parallel group, and the ``lm_head`` is split column-wise (by vocabulary rows of its weight), padded so the
-vocabulary divides evenly, so each rank produces only its ``[..., V / world]`` slice of the logits. shardkl then
-computes ``log π(x)`` and the exact KL(π‖π_ref) from those slices with one all-gather of a few floats per token.
-
-Two collectives belong to the model, not to shardkl: :class:`CopyToTensorParallelRegion` all-reduces the gradient
-of the hidden states in backward (Megatron's ``copy_to_tensor_model_parallel_region``: each rank's slice of the
-head only sees its part of ∂loss/∂h), and :func:`sample_tokens` gathers one (value, index) pair per row to sample
-from the sharded vocabulary by the Gumbel-max trick. ``group=None`` runs the same code on one process with the
-full vocabulary, which is what the parity test compares against.
+A tiny Hugging Face Llama built from a config (no download) whose ``lm_head`` is a
+:class:`shardkl.parallel.ColumnParallelLMHead`: the trunk is replicated, each rank produces only its vocabulary
+slice of the logits, tokens are drawn with :func:`shardkl.sample_tokens`, and the GRPO loss comes from
+:func:`shardkl.grpo_loss` on the slices. ``group=None`` runs the same code on one process with the full vocabulary,
+which is what the parity check compares against.
 """
 
 from __future__ import annotations
@@ -19,78 +14,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from shardkl.distributed import ProcessGroup, argmax_over_ranks, rank_and_size
-from shardkl.losses import PenaltyKind, grpo_loss
+from shardkl.distributed import ProcessGroup
+from shardkl.losses import Estimator, grpo_loss
+from shardkl.parallel import ColumnParallelLMHead
 from shardkl.reduction import Reduction
-
-
-def padded_vocab_size(vocab_size: int, world_size: int, multiple: int = 8) -> int:
-    """Megatron's padding: the smallest size ``>= vocab_size`` divisible by ``multiple * world_size``."""
-    step = multiple * world_size
-    return -(-vocab_size // step) * step
-
-
-class CopyToTensorParallelRegion(torch.autograd.Function):
-    """Identity in forward; sums the gradient over the group in backward (Megatron's ``f`` operator)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, group: ProcessGroup | None) -> Tensor:  # type: ignore[override]
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        if ctx.group is None or dist.get_world_size(ctx.group) == 1:
-            return grad, None
-        grad = grad.contiguous()
-        # The model's collective (not shardkl's): each rank's slice of the head contributes part of dloss/dh.
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class ColumnParallelLMHead(nn.Module):
-    """This rank's rows of an output layer: ``hidden [..., H] -> logits [..., V_padded / world]``.
-
-    Rank ``r`` holds global vocabulary ids ``[r * V_local, (r + 1) * V_local)``; ids at or beyond
-    ``valid_vocab_size`` are zero padding rows, to be passed to shardkl as ``valid_vocab_size=``.
-
-    Args:
-        weight: this rank's ``[V_local, H]`` slice (padding rows included).
-        valid_vocab_size: the real vocabulary size.
-        group: tensor-parallel group (``None``: one process holds the whole vocabulary).
-    """
-
-    def __init__(self, weight: Tensor, *, valid_vocab_size: int, group: ProcessGroup | None) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight)
-        self.valid_vocab_size = valid_vocab_size
-        self.group = group
-        rank, _ = rank_and_size(group)
-        self.vocab_start = rank * weight.shape[0]
-
-    @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, *, group: ProcessGroup | None, pad_multiple: int = 8
-    ) -> ColumnParallelLMHead:
-        """Split a full ``nn.Linear(H, V, bias=False)`` head; every rank must pass the same weights."""
-        if linear.bias is not None:
-            raise ValueError("ColumnParallelLMHead supports heads without bias (as in Llama), got a bias")
-        vocab, hidden = linear.weight.shape
-        rank, world = rank_and_size(group)
-        padded = padded_vocab_size(vocab, world, pad_multiple)
-        local = padded // world
-        weight = torch.zeros(local, hidden, dtype=linear.weight.dtype, device=linear.weight.device)
-        start, stop = rank * local, min((rank + 1) * local, vocab)
-        if stop > start:
-            weight[: stop - start] = linear.weight.detach()[start:stop]
-        return cls(weight, valid_vocab_size=vocab, group=group)
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        hidden = CopyToTensorParallelRegion.apply(hidden, self.group)
-        return nn.functional.linear(hidden, self.weight)
+from shardkl.sampling import sample_tokens
 
 
 class TensorParallelCausalLM(nn.Module):
@@ -128,8 +58,8 @@ class TPConfig:
     response_len: int = 12
     steps: int = 2
     lr: float = 0.2
-    beta: float = 0.1
-    kind: PenaltyKind = "exact"
+    kl_coef: float = 0.1
+    estimator: Estimator = "exact"
     reduction: Reduction = "token_mean"
     pad_multiple: int = 8
     seed: int = 0
@@ -169,30 +99,6 @@ def build_policy_and_reference(
     return policy, reference
 
 
-@torch.no_grad()
-def sample_tokens(local_logits: Tensor, noise: Tensor, *, vocab_start: int, valid_vocab_size: int,
-                  group: ProcessGroup | None) -> Tensor:
-    """Sample global ids from softmax over the sharded vocabulary by Gumbel-max.
-
-    Args:
-        local_logits: ``[B, V_local]`` this rank's slice.
-        noise: ``[B, V_padded]`` Gumbel noise for the whole (padded) vocabulary, the same on every rank, so a
-            one-process run with the same noise draws the same tokens.
-        vocab_start: first global id of this rank's slice.
-        valid_vocab_size: ids at or beyond it are padding and never drawn.
-        group: tensor-parallel group or ``None``.
-
-    Returns:
-        ``[B]`` global token ids, identical on every rank.
-    """
-    local = local_logits.shape[-1]
-    scores = local_logits.double() + noise[:, vocab_start : vocab_start + local]
-    ids = torch.arange(vocab_start, vocab_start + local, device=scores.device)
-    scores = scores.masked_fill(ids >= valid_vocab_size, float("-inf"))
-    best, where = scores.max(dim=-1)
-    return argmax_over_ranks(best, (where + vocab_start).double(), group)
-
-
 def parity_report(
     config: TPConfig, results: list[StepResult], policy: TensorParallelCausalLM
 ) -> dict[str, float]:
@@ -217,10 +123,9 @@ def parity_report(
         full_grad = full_param.grad if full_param.grad is not None else torch.zeros_like(full_param)
         full = full_param.detach()
         if name == "head.weight":
-            local = param.shape[0]
-            start = policy.head.vocab_start
-            kept = max(min(policy.valid_vocab_size - start, local), 0)
-            pad = torch.zeros(local - kept, param.shape[1], dtype=param.dtype, device=param.device)
+            layout = policy.head.layout
+            start, kept = layout.start, layout.kept_size
+            pad = torch.zeros(layout.local_size - kept, param.shape[1], dtype=param.dtype, device=param.device)
             full = torch.cat([full[start : start + kept], pad])
             full_grad = torch.cat([full_grad[start : start + kept], pad])
         grad_diff = max(grad_diff, (grad - full_grad).abs().max().item())
@@ -240,14 +145,10 @@ def rollout(policy: TensorParallelCausalLM, config: TPConfig, step: int) -> tupl
     gen = torch.Generator().manual_seed(1000 * config.seed + step)
     prompts = torch.randint(0, config.vocab_size, (config.prompts, config.prompt_len), generator=gen)
     ids = prompts.repeat_interleave(config.group_size, dim=0).to(device)
-    padded = policy.head.weight.shape[0] * rank_and_size(policy.group)[1]
-    for _ in range(config.response_len):
+    for position in range(config.response_len):
         logits = policy(ids)[:, -1]
-        uniform = torch.rand(ids.shape[0], padded, generator=gen, dtype=torch.float64)
-        # Gumbel(0, 1) noise; the clamp keeps log(0) out
-        noise = -torch.log(-torch.log(uniform.clamp(min=1e-300))).to(device)
-        token = sample_tokens(logits, noise, vocab_start=policy.head.vocab_start,
-                              valid_vocab_size=policy.valid_vocab_size, group=policy.group)
+        # each rank draws noise for its own columns only; the same tokens for any world size
+        token = sample_tokens(logits, seed=config.seed, layout=policy.head.layout, stream=f"rollout/{step}/{position}")
         ids = torch.cat([ids, token.unsqueeze(1)], dim=1)
     batch = ids.shape[0]
     # responses end at a random length (an EOS stand-in), so the reductions see a real mask
@@ -298,7 +199,7 @@ def grpo_step(
     """
     ids, mask, advantages = batch
     tokens = ids[:, config.prompt_len :]
-    common: dict[str, Any] = {"group": policy.group, "valid_vocab_size": policy.valid_vocab_size, "mask": mask}
+    common: dict[str, Any] = {"layout": policy.head.layout, "mask": mask}
     with torch.no_grad():
         ref_logits = _response_logits(reference, ids, config.prompt_len)
     optimizer.zero_grad(set_to_none=True)
@@ -307,8 +208,8 @@ def grpo_step(
         ref_logits,
         tokens,
         advantages,
-        beta=config.beta,
-        kind=config.kind,
+        kl_coef=config.kl_coef,
+        estimator=config.estimator,
         reduction=config.reduction,
         **common,
     )
@@ -316,7 +217,7 @@ def grpo_step(
     optimizer.step()
     with torch.no_grad():
         after = grpo_loss(_response_logits(policy, ids, config.prompt_len), ref_logits, tokens, advantages,
-                          beta=config.beta, kind="exact", reduction="token_mean", **common)
+                          kl_coef=config.kl_coef, estimator="exact", reduction="token_mean", **common)
     exact_before = (out.exact_kl * mask).sum() / mask.sum()
     return StepResult(
         step=step,
@@ -340,17 +241,13 @@ def train(config: TPConfig, group: ProcessGroup | None) -> tuple[list[StepResult
 
 
 __all__ = [
-    "ColumnParallelLMHead",
-    "CopyToTensorParallelRegion",
     "StepResult",
     "TPConfig",
     "TensorParallelCausalLM",
     "build_causal_lm",
     "build_policy_and_reference",
     "grpo_step",
-    "padded_vocab_size",
     "parity_report",
     "rollout",
-    "sample_tokens",
     "train",
 ]

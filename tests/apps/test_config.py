@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from shardkl.config import ConfigError, ExperimentConfig, load_config, parse_args
+from shardkl.apps.config import ConfigError, ExperimentConfig, load_config, parse_args
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_precedence_command_line_over_file_over_defaults(tmp_path: Path) -> None:
@@ -62,9 +62,9 @@ def test_missing_file_and_malformed_arguments() -> None:
 
 
 def test_literal_fields_are_checked_against_their_values() -> None:
-    from shardkl.tp import TPConfig
+    from shardkl.apps.grpo import TPConfig
 
-    config = load_config(TPConfig, None, {"kind": "k3", "steps": "4", "reduction": "seq_mean_token_sum_norm"})
-    assert (config.kind, config.steps, config.reduction) == ("k3", 4, "seq_mean_token_sum_norm")
-    with pytest.raises(ConfigError, match="kind must be one of exact, k1"):
-        load_config(TPConfig, None, {"kind": "k9"})
+    config = load_config(TPConfig, None, {"estimator": "k3", "steps": "4", "reduction": "seq_mean_token_sum_norm"})
+    assert (config.estimator, config.steps, config.reduction) == ("k3", 4, "seq_mean_token_sum_norm")
+    with pytest.raises(ConfigError, match="estimator must be one of exact, k1"):
+        load_config(TPConfig, None, {"estimator": "k9"})

@@ -27,7 +27,7 @@ pytest.importorskip("ray.train.torch")
 
 pytestmark = pytest.mark.ray
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RAY_LAUNCHER = str(ROOT / "launch" / "ray_kl.py")
 TORCH_LAUNCHER = str(ROOT / "launch" / "exact_kl.py")
 
@@ -168,12 +168,16 @@ class _PolicyShard:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         self.rank = rank
 
-    def kl(self, p_logits: torch.Tensor, q_logits: torch.Tensor, tokens: torch.Tensor) -> dict[str, np.ndarray]:
+    def kl(
+        self, p_logits: torch.Tensor, q_logits: torch.Tensor, tokens: torch.Tensor, start: int
+    ) -> dict[str, np.ndarray]:
         import torch.distributed as dist
 
+        from shardkl import VocabLayout
         from shardkl.integrations.ray import kl_stats_on_worker
 
-        return kl_stats_on_worker(p_logits, q_logits, tokens, group=dist.group.WORLD)
+        layout = VocabLayout(start, start + p_logits.shape[-1], group=dist.group.WORLD)
+        return kl_stats_on_worker(p_logits, q_logits, tokens, layout=layout)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +207,7 @@ def test_kl_stats_on_worker_matches_float64_reference(ray_actors: list[Any], dty
     tokens = torch.randint(0, VOCAB, (3, 4), generator=g)
     sizes = split_sizes(VOCAB, 2)  # uneven: 601 + 402
     bounds = [(sum(sizes[:r]), sum(sizes[: r + 1])) for r in range(2)]
-    refs = [a.kl.remote(p[..., lo:hi].to(dtype), q[..., lo:hi].to(dtype), tokens)
+    refs = [a.kl.remote(p[..., lo:hi].to(dtype), q[..., lo:hi].to(dtype), tokens, lo)
             for a, (lo, hi) in zip(ray_actors, bounds, strict=True)]
     per_worker = ray.get(refs, timeout=120)
     expected = reference(p.to(dtype).double(), q.to(dtype).double(), tokens)
@@ -226,7 +230,7 @@ def test_failure_line_puts_the_dead_rank_first_and_names_silent_ranks() -> None:
     from ray.train import WorkerGroupError
     from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
-    from shardkl.integrations.ray import _describe_failure
+    from shardkl.apps.ray_job import _describe_failure
 
     died = WorkerHealthCheckFailedError(
         "A worker health check failed.",

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 import shardkl
-from tests._distributed import run_ranks
+from tests._distributed import local_layout, local_slice, run_ranks
 from tests.reference import reference
 
 NAMES = ("exact_kl", "entropy", "p_logprobs", "q_logprobs")
@@ -32,7 +32,7 @@ def _check_padded(rank: int, world: int, valid: int, padded: int) -> None:
     cols = slice(rank * local, (rank + 1) * local)
     x = a[..., cols].clone().requires_grad_()
     y = b[..., cols].clone().requires_grad_()
-    for _ in range(2):  # the second call runs with the learned offsets
+    for _ in range(2):  # nothing is learned or cached between calls
         x.grad = y.grad = None
         got = shardkl.kl_stats(x, y, tokens, group=group, valid_vocab_size=valid)
         for name in NAMES:
@@ -58,7 +58,7 @@ def _check_padded(rank: int, world: int, valid: int, padded: int) -> None:
     # a token id in the padding is out of the (valid) vocabulary on every rank
     with pytest.raises(ValueError, match=rf"\[0, {valid}\)"):
         shardkl.token_logprobs(x, torch.full_like(tokens, valid), group=group, valid_vocab_size=valid)
-    with pytest.raises(ValueError, match=rf"\[1, {padded}\].*got {padded + 1}"):
+    with pytest.raises(ValueError, match=rf"<= the padded vocabulary size {padded}.*got {padded + 1}"):
         shardkl.entropy(x, group=group, valid_vocab_size=padded + 1)
     with pytest.raises(TypeError, match="valid_vocab_size must be an int"):
         shardkl.entropy(x, group=group, valid_vocab_size=3.0)  # type: ignore[arg-type]
@@ -74,3 +74,31 @@ def test_valid_vocab_size_drops_padding_exactly(world: int, valid: int, padded: 
         _check_padded(0, 1, valid, padded)
     else:
         run_ranks(_check_padded, world, valid, padded)
+
+
+def _check_uneven_padded(rank: int, world: int, sizes: list[int], valid: int) -> None:
+    """Uneven shards of a padded vocabulary: the exact answer with a layout, one clear error on every rank
+    without one (the equal split it then assumes is wrong), never a number that counts padding."""
+    padded = sum(sizes)
+    a, b, tokens = _padded_inputs(valid, padded)
+    ref = reference(a[..., :valid], b[..., :valid], tokens)
+    x, y = local_slice(a, sizes, rank), local_slice(b, sizes, rank)
+    layout = local_layout(sizes, rank)
+    with shardkl.count_collectives() as counter:
+        got = shardkl.kl_stats(x, y, tokens, layout=layout, valid_vocab_size=valid)
+    assert counter.total == 1
+    for name in NAMES:
+        torch.testing.assert_close(getattr(got, name), ref[name], rtol=1e-12, atol=1e-12, msg=name)
+    torch.testing.assert_close(shardkl.exact_kl(x, y, layout=layout, valid_vocab_size=valid), ref["exact_kl"])
+    with pytest.raises(ValueError, match="do not tile the vocabulary.*equal split"):
+        shardkl.exact_kl(x, y, group=dist.group.WORLD, valid_vocab_size=valid)
+    # a valid size beyond some ranks' guessed padded size but not others': the same error everywhere, no wait
+    with pytest.raises(ValueError, match="do not tile the vocabulary"):
+        shardkl.exact_kl(x, y, group=dist.group.WORLD, valid_vocab_size=padded - 1)
+    with pytest.raises(ValueError, match=rf"<= the padded vocabulary size {padded}"):
+        shardkl.exact_kl(x, y, layout=layout, valid_vocab_size=padded + 1)
+
+
+@pytest.mark.parametrize(("sizes", "valid"), [([502, 501], 1001), ([400, 0, 603], 1001), ([340, 340, 323], 700)])
+def test_uneven_shards_with_valid_vocab_size_are_exact_or_raise_everywhere(sizes: list[int], valid: int) -> None:
+    run_ranks(_check_uneven_padded, len(sizes), sizes, valid)

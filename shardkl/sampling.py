@@ -1,0 +1,167 @@
+"""Sampling token ids from vocabulary-sharded logits, identically for every world size.
+
+:func:`sample_tokens` uses the Gumbel-max trick: ``argmax_v (a_v / T + G_v)`` with Gumbel noise ``G``. Each rank
+draws noise only for its own columns and takes its local maximum; one all-gather of ``(max, global id)`` per
+token picks the winner. No rank holds the full vocabulary.
+
+The noise is drawn per block of ``BLOCK`` global columns from a generator seeded by ``(seed, stream, block)``
+(:func:`sharded_random`), so the noise of global column ``v`` does not depend on how the vocabulary is split: the
+same seed draws the same tokens on 1 rank or on 8. Random numbers come from CPU generators (moved to the logits'
+device), so they are also the same on every device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from shardkl.distributed import ProcessGroup, argmax_over_ranks
+from shardkl.layout import VocabLayout
+from shardkl.linear import LinearLogits, check_linear, logits_tile
+
+BLOCK = 1024
+
+
+def _block_seed(seed: int, stream: str, block: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{stream}/{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _blocks(start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+    """``(block, lo, hi)`` for the global blocks overlapping ``[start, stop)``, with the overlap's bounds."""
+    for block in range(start // BLOCK, -(-stop // BLOCK)):
+        lo, hi = max(start, block * BLOCK), min(stop, (block + 1) * BLOCK)
+        if lo < hi:
+            yield block, lo, hi
+
+
+def sharded_random(
+    rows: int,
+    start: int,
+    stop: int,
+    *,
+    seed: int,
+    stream: str,
+    distribution: Literal["uniform", "normal"] = "uniform",
+    vocab_size: int | None = None,
+) -> Tensor:
+    """Columns ``[start, stop)`` of a ``[rows, ∞)`` float32 random tensor fixed by ``(seed, stream)``.
+
+    Column ``v`` holds the same numbers whichever slice it is drawn in, so ranks that each draw their own slice
+    together hold one global tensor, for any split.
+
+    Args:
+        rows: number of rows.
+        start, stop: the global columns to draw.
+        seed: seed of the tensor.
+        stream: name of an independent stream under the same seed (e.g. ``"gumbel"``).
+        distribution: ``"uniform"`` on ``[0, 1)`` or standard ``"normal"``.
+        vocab_size: if given, the tensor has this many columns and its last block is drawn narrower (a different
+            stream of numbers than without it).
+
+    Returns:
+        ``[rows, stop - start]`` float32 on the CPU.
+    """
+    if vocab_size is not None and stop > vocab_size:
+        raise ValueError(f"stop must be <= vocab_size={vocab_size}, got {stop}")
+    out = torch.empty(rows, stop - start)
+    for block, lo, hi in _blocks(start, stop):
+        gen = torch.Generator().manual_seed(_block_seed(seed, stream, block))
+        draw = torch.randn if distribution == "normal" else torch.rand
+        width = BLOCK if vocab_size is None else min(BLOCK, vocab_size - block * BLOCK)
+        values = draw(rows, width, generator=gen)
+        out[:, lo - start : hi - start] = values[:, lo - block * BLOCK : hi - block * BLOCK]
+    return out
+
+
+@torch.no_grad()
+def sample_tokens(
+    logits: Tensor | LinearLogits,
+    *,
+    seed: int,
+    group: ProcessGroup | None = None,
+    layout: VocabLayout | None = None,
+    temperature: float = 1.0,
+    num_samples: int | None = None,
+    valid_vocab_size: int | None = None,
+    stream: str = "gumbel",
+) -> Tensor:
+    """Draw global token ids from ``softmax(logits / T)`` over the sharded vocabulary (Gumbel-max).
+
+    Args:
+        logits: this rank's slice of the logits, ``[..., V_local]``, or a :class:`shardkl.LinearLogits` (its logits
+            are then computed one block of columns at a time, never all at once).
+        seed: seed of the noise; the same seed gives the same tokens for any world size.
+        group: process group the vocabulary is split over (Megatron's equal split), or ``None``.
+        layout: this rank's slice, for other splits (see :class:`shardkl.VocabLayout`); replaces ``group``.
+        temperature: softmax temperature.
+        num_samples: ``None`` for one draw per row shaped ``[...]``; ``k`` for ``[k, ...]`` independent draws.
+        valid_vocab_size: ids at or beyond it are padding and never drawn.
+        stream: name of the noise stream; use different streams (e.g. per step) for independent draws.
+
+    Returns:
+        int64 global ids, identical on every rank of the group. One collective (an all-gather of two floats per
+        draw and row, plus each rank's slice bounds, checked to tile the vocabulary).
+    """
+    if isinstance(logits, LinearLogits):
+        check_linear("logits", logits)
+    elif not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 1:
+        raise TypeError("logits must be a floating-point tensor with a vocabulary dimension, or a LinearLogits")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    draws = 1 if num_samples is None else num_samples
+    if draws < 1:
+        raise ValueError(f"num_samples must be >= 1 or None, got {num_samples}")
+    local = logits.shape[-1]
+    if layout is None:
+        layout = VocabLayout.equal(local, group) if group is not None else VocabLayout.full(local)
+    elif group is not None and group is not layout.group:
+        raise ValueError("pass the group once: either group= or layout=VocabLayout(..., group=...)")
+    layout = layout.with_valid_vocab_size(valid_vocab_size)
+    if layout.local_size != local:
+        raise ValueError(
+            f"the layout says this rank holds [{layout.start}, {layout.stop}) ({layout.local_size} ids), but logits "
+            f"have {local} columns"
+        )
+    lead = logits.shape[:-1]
+    rows = int(torch.Size(lead).numel())
+    kept = layout.kept_size
+    if isinstance(logits, LinearLogits):
+        hidden = logits.hidden.reshape(rows, -1)
+        device = hidden.device
+
+        def columns(lo: int, hi: int) -> Tensor:
+            bias = None if logits.bias is None else logits.bias[lo:hi]
+            return logits_tile(hidden, logits.weight[lo:hi], bias, torch.float64)
+    else:
+        flat = logits.reshape(rows, local)
+        device = logits.device
+
+        def columns(lo: int, hi: int) -> Tensor:
+            return flat[:, lo:hi].double()
+
+    best = torch.full((draws, rows), float("-inf"), dtype=torch.float64)
+    best_id = torch.full((draws, rows), -1.0, dtype=torch.float64)
+    # one block of noise columns at a time: the same blocks the noise is drawn in
+    for block_lo in range(layout.start, layout.start + kept, BLOCK):
+        block_hi = min(block_lo + BLOCK, layout.start + kept)
+        scaled = columns(block_lo - layout.start, block_hi - layout.start).cpu() / temperature
+        for s in range(draws):
+            name = stream if num_samples is None else f"{stream}/{s}"
+            uniform = sharded_random(rows, block_lo, block_hi, seed=seed, stream=name)
+            # Gumbel(0, 1) noise; uniform = 0 gives -inf, which never wins
+            value, index = (scaled - torch.log(-torch.log(uniform.double()))).max(dim=-1)
+            # strict: the lowest id wins a tie, as in one full-vocabulary argmax
+            better = value > best[s]
+            best[s] = torch.where(better, value, best[s])
+            best_id[s] = torch.where(better, (index + block_lo).double(), best_id[s])
+    ids = argmax_over_ranks(best, best_id, layout.group, bounds=(layout.start, layout.stop))
+    shape = tuple(lead) if num_samples is None else (draws, *lead)
+    return ids.reshape(shape).to(device)
+
+
+__all__ = ["BLOCK", "sample_tokens", "sharded_random"]
