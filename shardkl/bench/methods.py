@@ -97,12 +97,13 @@ def methods(impls: list[str], world: int, group: Any) -> dict[str, Method]:
 def inputs(
     tokens: int, vocab: int, rank: int, world: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    """This rank's shards of two close logits tensors (``b = a + 0.1 noise``), the same for any world size."""
+    """This rank's shards of two close logits tensors, ``b = a + 0.1 noise``, made on ``device``."""
     start, stop = shardkl.shard_bounds(vocab, world, rank)
-    g = torch.Generator().manual_seed(1234 + start)
-    a = torch.randn(tokens, stop - start, generator=g)
-    b = torch.randn(tokens, stop - start, generator=g).mul_(0.1).add_(a)
-    return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+    # generated on the device: a GPU point holds billions of logits
+    g = torch.Generator(device=device).manual_seed(1234 + start)
+    a = torch.randn(tokens, stop - start, generator=g, device=device)
+    b = torch.randn(tokens, stop - start, generator=g, device=device).mul_(0.1).add_(a)
+    return a.to(dtype), b.to(dtype)
 
 
 __all__ = ["FORWARD_ONLY", "Method", "floor", "grad_memory", "inputs", "methods"]

@@ -134,3 +134,14 @@ def test_public_api_matches_eager_values_and_gradients(shape, dtype, temperature
 
 def test_the_source_ships_with_the_package() -> None:
     assert 'extern "C" void kernel(' in cpu.source()
+
+
+def test_a_row_with_both_nan_and_inf_reports_nan() -> None:
+    a, b, _ = case((4, 3000), F32)
+    a[1, 7], a[1, 2000] = float("inf"), float("nan")
+    b[2, 9], b[2, 10] = float("nan"), float("inf")
+    got = cpu.stats(a, b, temperature=1.0, dtype=F32)
+    want = eager.stats(a, b, temperature=1.0, dtype=F32)
+    assert got[_stats.LA, 1].isnan() and want[_stats.LA, 1].isnan()
+    assert got[_stats.LB, 2].isnan() and want[_stats.LB, 2].isnan()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
