@@ -7,7 +7,7 @@
 //
 // Forward, per row (rows in parallel), per leaf of at most SHARDKL_MAX_CHUNK columns (the eager tiling's vocabulary
 // chunk), three passes, the last two over data already in cache:
-//   1. the maxima of a and b (streams the row in from memory, prefetched during the previous row);
+//   1. the maxima of a and b (from cache: the row was prefetched during pass 2 of the previous row);
 //   2. ea = exp(a - max_a), eb = exp(b - max_b) into a per-thread scratch row, and their sums;
 //   3. the KL terms in g-form from ea, eb, and the entropy terms: no transcendental at all.
 // Two exponentials per pair of logits; leaves of a longer row are merged with the stats monoid in double.
@@ -47,6 +47,28 @@ enum : int64_t {
   HAS_GRAD_LOGQ = 128, WRITE_A = 256, WRITE_B = 512,
 };
 
+// Lane masks and selects. at::vec's comparisons return vectors of all-ones lanes and its blendv compares them back
+// into a mask: four instructions where AVX-512's mask registers need two, on every compare-and-select of the hot
+// loops. So AVX-512 uses its mask registers directly, any other ISA at::vec's portable form.
+#if defined(CPU_CAPABILITY_AVX512)
+using Mask = __mmask16;
+inline Mask lt(const Vec& x, const Vec& y) { return _mm512_cmp_ps_mask(x, y, _CMP_LT_OQ); }
+inline Mask gt(const Vec& x, const Vec& y) { return _mm512_cmp_ps_mask(x, y, _CMP_GT_OQ); }
+inline Mask eq(const Vec& x, const Vec& y) { return _mm512_cmp_ps_mask(x, y, _CMP_EQ_OQ); }
+inline Vec select(Mask m, const Vec& if_true, const Vec& if_false) {
+  return _mm512_mask_blend_ps(m, if_false, if_true);
+}
+// the larger of x and y, or y where either is NaN
+inline Vec max_or_second(const Vec& x, const Vec& y) { return _mm512_max_ps(x, y); }
+#else
+using Mask = Vec;
+inline Mask lt(const Vec& x, const Vec& y) { return x < y; }
+inline Mask gt(const Vec& x, const Vec& y) { return x > y; }
+inline Mask eq(const Vec& x, const Vec& y) { return x == y; }
+inline Vec select(const Mask& m, const Vec& if_true, const Vec& if_false) { return Vec::blendv(if_false, if_true, m); }
+inline Vec max_or_second(const Vec& x, const Vec& y) { return select(gt(x, y), x, y); }
+#endif
+
 // n <= W elements of p as fp32; the lanes past n are -inf (no mass)
 template <typename T>
 inline Vec load(const T* p, int64_t n) {
@@ -74,8 +96,8 @@ inline void store(T* p, const Vec& v, int64_t n) {
 // library call behind Vec::exp(), so that the compiler interleaves it with the rest of the loop.
 inline Vec exp_(const Vec& x) {
   const Vec lo(-86.6f);
-  Vec under = x < lo;
-  Vec xc = Vec::blendv(x, lo, under);
+  Mask under = lt(x, lo);
+  Vec xc = select(under, lo, x);
   Vec n = (xc * Vec(1.44269504088896341f)).round();
   Vec r = at::vec::fmadd(n, Vec(-0.693359375f), xc);
   r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);
@@ -86,7 +108,7 @@ inline Vec exp_(const Vec& x) {
   y = at::vec::fmadd(y, r, Vec(1.0f));
   // 2^n from its exponent bits, n in [-125, 127]
   IVec bits = (at::vec::convert_to_int_of_same_size(n) + IVec(127)) << IVec(23);
-  return Vec::blendv(y * at::vec::cast<float>(bits), Vec(0.0f), under);
+  return select(under, Vec(0.0f), y * at::vec::cast<float>(bits));
 }
 
 // (exp(d) - 1 - d) / d^2 for |d| < 0.5: its Taylor series to d^6 (truncation < 5e-8 relative)
@@ -131,18 +153,19 @@ Leaf leaf(const TA* a, const TB* b, int64_t n, float inv_t, int64_t flags, float
           const TB* next_b) {
   const bool two = flags & TWO, want_ent = flags & WANT_ENT, scale = flags & SCALE;
   const Vec it(inv_t);
-  // pass 1: the maxima. A comparison with NaN is false, so NaN is skipped here; it still turns the sums of pass 2
-  // into NaN (exp(NaN)) and with them the lse, except where the max is +inf: that (rare) leaf is searched for NaN.
+  // pass 1: the maxima, without propagating NaN (the running max keeps its value past a NaN, or becomes NaN and
+  // moves on): a NaN still turns the sums of pass 2 into NaN (exp(NaN)) and with them the lse, except where the
+  // max is +inf, and that (rare) leaf is searched for NaN.
   Vec vma(-INF), vmb(-INF);
   for (int64_t j = 0; j < n; j += W) {
     const int64_t c = std::min(W, n - j);
     Vec x = load(a + j, c);
     x = scale ? x * it : x;
-    vma = Vec::blendv(vma, x, x > vma);
+    vma = max_or_second(x, vma);
     if (two) {
       Vec y = load(b + j, c);
       y = scale ? y * it : y;
-      vmb = Vec::blendv(vmb, y, y > vmb);
+      vmb = max_or_second(y, vmb);
     }
   }
   float ma = reduce_max(vma), mb = two ? reduce_max(vmb) : 0.0f;
@@ -162,6 +185,7 @@ Leaf leaf(const TA* a, const TB* b, int64_t n, float inv_t, int64_t flags, float
       e.store(ea + j);
       acc_a = acc_a + e;
       if (next_a) prefetch(next_a + j);
+      if (next_b) prefetch(next_b + j);
       if (two) {
         Vec y = load(b + j, c);
         Vec f = exp_((scale ? y * it : y) - mb_shift);
@@ -199,19 +223,18 @@ Leaf leaf(const TA* a, const TB* b, int64_t n, float inv_t, int64_t flags, float
       x = scale ? x * it : x;
       Vec p = e * inv_sa;
       // P = 0 (a -inf logit or an underflow): 0 log 0 = 0, and the KL term's limit is Q
-      Vec p_zero = e == zero;
-      if (want_ent) acc_ent = acc_ent + Vec::blendv(p * (x - a_shift), zero, p_zero);
+      Mask p_zero = eq(e, zero);
+      if (want_ent) acc_ent = acc_ent + select(p_zero, zero, p * (x - a_shift));
       if (two) {
-        if (next_b) prefetch(next_b + j);
         Vec y = load(b + j, c);
         y = scale ? y * it : y;
         Vec q = Vec::loadu(eb + j) * inv_sb;
         // P g(x) with d = -x: P (e^d - 1 - d) = Q - P - P d, or P d^2 series(d) for small |d|, where
         // Q - P - P d would lose the digits of a tiny KL (the series' value in the other lanes is not used)
         Vec d = (y - x) - shift;
-        Vec small = d.abs() < half;
-        Vec term = Vec::blendv(q - at::vec::fmadd(p, d, p), p * (d * d) * gap_series(d), small);
-        acc_kl = acc_kl + Vec::blendv(term, q, p_zero);
+        Mask small = lt(d.abs(), half);
+        Vec term = select(small, p * (d * d) * gap_series(d), q - at::vec::fmadd(p, d, p));
+        acc_kl = acc_kl + select(p_zero, q, term);
       }
     }
     ent += reduce_sum(acc_ent);
@@ -322,12 +345,12 @@ void backward(const TA* a, const TB* b, TA* grad_a, TB* grad_b, const float* vec
       Vec x = load(ar + j, c);
       Vec log_p = (scale ? x * it : x) - lse_a;
       Vec p = exp_(log_p);
-      Vec p_zero = p == zero;
+      Mask p_zero = eq(p, zero);
       Vec one_hot = zero;
-      if (token >= j && token < j + W) one_hot = Vec::blendv(zero, one, iota == Vec(static_cast<float>(token - j)));
+      if (token >= j && token < j + W) one_hot = select(eq(iota, Vec(static_cast<float>(token - j))), one, zero);
       Vec ga = zero;
       // dH/da = -P (log P + H); P = 0 contributes 0, not 0 * -inf
-      if (has_ent) ga = ga - v_ent * Vec::blendv(p * (log_p + ent), zero, p_zero);
+      if (has_ent) ga = ga - v_ent * select(p_zero, zero, p * (log_p + ent));
       if (has_logp) ga = ga + v_logp * (one_hot - p);
       if (two) {
         Vec y = load(br + j, c);
@@ -336,7 +359,7 @@ void backward(const TA* a, const TB* b, TA* grad_a, TB* grad_b, const float* vec
         Vec gb = zero;
         if (has_kl) {
           // dKL/da = P (log P - log Q - KL); a row with no incoming gradient gets 0, not 0 * inf
-          if (g_kl != 0.0f) ga = ga + v_kl * Vec::blendv(p * (log_p - log_q - kl), zero, p_zero);
+          if (g_kl != 0.0f) ga = ga + v_kl * select(p_zero, zero, p * (log_p - log_q - kl));
           gb = gb + v_kl * (q - p);
         }
         if (has_logq) gb = gb + v_logq * (one_hot - q);
