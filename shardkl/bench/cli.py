@@ -14,8 +14,8 @@ DESCRIPTION = """\
 Time shardkl against the read-once floor and the usual baselines, side by side in one run.
 
 The default run (CPU) takes about two minutes on a 2-core machine and peaks at about 3 GB of memory: the
-headline point (2048 tokens x 32,000 vocabulary, float32 and bfloat16, one rank, every method, forward and
-forward+backward), a vocabulary sweep at 256 tokens, and the same sweep on two gloo ranks. Each world size runs
+headline point (2048 tokens x 32,000 vocabulary, float32, one rank, every method, forward and forward+backward),
+a vocabulary sweep at 256 tokens (float32 and bfloat16), and the same sweep on two gloo ranks. Each world size runs
 in fresh processes. Rows are appended to results.jsonl as each point finishes (a progress bar on stderr); the
 table, a summary and plot.png follow at the end.
 
@@ -25,13 +25,15 @@ peak (see --preset gpu).
 """
 
 PRESETS: dict[str, dict[str, object]] = {
-    "default": {"target": "2048x32000", "sweep_tokens": 256, "vocabs": "4000,32000,128000",
-                "dtypes": "float32,bfloat16", "world_sizes": "1,2", "impls": "eager,compiled", "reps": 5},
-    "quick": {"target": "64x3000", "sweep_tokens": 64, "vocabs": "500,3000", "dtypes": "float32",
-              "world_sizes": "1,2", "impls": "eager,compiled", "reps": 3},
+    "default": {"target": "2048x32000", "target_dtypes": "float32", "sweep_tokens": 256,
+                "vocabs": "4000,32000,128000", "dtypes": "float32,bfloat16", "world_sizes": "1,2",
+                "impls": "eager,compiled", "reps": 5},
+    "quick": {"target": "64x3000", "target_dtypes": "float32", "sweep_tokens": 64, "vocabs": "500,3000",
+              "dtypes": "float32", "world_sizes": "1,2", "impls": "eager,compiled", "reps": 3},
     # one GPU: a TP=8 shard of a 152k vocabulary at 32k tokens (the design's roofline point), and a sweep
-    "gpu": {"target": "32768x19008", "sweep_tokens": 8192, "vocabs": "19008,64000,151936",
-            "dtypes": "bfloat16,float32", "world_sizes": "1", "impls": "eager,compiled,triton", "reps": 10},
+    "gpu": {"target": "32768x19008", "target_dtypes": "bfloat16,float32", "sweep_tokens": 8192,
+            "vocabs": "19008,64000,151936", "dtypes": "bfloat16,float32", "world_sizes": "1",
+            "impls": "eager,compiled,triton", "reps": 10},
 }
 IMPLS = ("eager", "compiled", "triton", "auto")
 
@@ -53,9 +55,11 @@ def parser() -> argparse.ArgumentParser:
                    help="a sweep: default (CPU), quick (seconds, a smoke test), gpu (the default with --device cuda)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--target", help="headline point TOKENSxVOCAB, every method (preset: 2048x32000)")
+    p.add_argument("--target-dtypes", help="dtypes of the headline point, comma-separated (preset: float32)")
     p.add_argument("--sweep-tokens", type=int, help="tokens of the vocabulary sweep (preset: 256)")
     p.add_argument("--vocabs", help="vocabulary sizes of the sweep, comma-separated (preset: 4000,32000,128000)")
-    p.add_argument("--dtypes", help=f"comma-separated, of {', '.join(measure.DTYPES)} (preset: float32,bfloat16)")
+    p.add_argument("--dtypes", help=f"dtypes of the sweep, comma-separated, of {', '.join(measure.DTYPES)} "
+                                    "(preset: float32,bfloat16)")
     p.add_argument("--world-sizes", help="comma-separated gloo world sizes; the headline point runs on 1 only")
     p.add_argument("--impls", help=f"shardkl implementations, of {', '.join(IMPLS)} (preset: eager,compiled)")
     p.add_argument("--reps", type=int, help="timed rounds per point (preset: 5; at least 3)")
@@ -69,13 +73,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _config_points(args: argparse.Namespace, world: int) -> tuple[measure.Point, ...]:
-    dtypes = args.dtypes
     target = _point(args.target)
     points = []
     if world == 1:
-        points += [measure.Point(*target, dtype, full=not args.forward_only) for dtype in dtypes]
+        points += [measure.Point(*target, dtype, full=not args.forward_only) for dtype in args.target_dtypes]
     points += [measure.Point(args.sweep_tokens, vocab, dtype, full=not args.forward_only)
-               for dtype in dtypes for vocab in args.vocabs if (args.sweep_tokens, vocab) != target or world > 1]
+               for dtype in args.dtypes for vocab in args.vocabs
+               if world > 1 or (args.sweep_tokens, vocab) != target or dtype not in args.target_dtypes]
     return tuple(points)
 
 
@@ -92,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         p.error(f"bad --target, --vocabs or --world-sizes: {exc}")
     args.dtypes = [d for d in args.dtypes.split(",") if d]
+    args.target_dtypes = [d for d in args.target_dtypes.split(",") if d]
     args.impls = [i for i in args.impls.split(",") if i]
-    for dtype in args.dtypes:
+    for dtype in args.dtypes + args.target_dtypes:
         if dtype not in measure.DTYPES:
             p.error(f"unknown dtype {dtype!r}; choose from {', '.join(measure.DTYPES)}")
     for impl in args.impls:

@@ -3,8 +3,9 @@
 Timing: after one warm-up call per method (which also counts its collectives), the methods of a point run in
 interleaved rounds (floor, baselines, shardkl, floor, ...), so a burst of load from another process slows every
 method of a round alike instead of one method's whole sample; each method's median, 20th and 80th percentiles are
-kept. A method faster than ``MIN_SAMPLE_S`` is repeated inside a sample (the same count on every rank). On
-several ranks a sample starts after a barrier (a one-float all-gather through ``shardkl.distributed``).
+kept. A method faster than ``MIN_SAMPLE_S`` is repeated inside a sample, one slower than ``SLOW_CALL_S`` gets 3
+rounds (the same counts on every rank). On several ranks a sample starts after a barrier (a one-float all-gather
+through ``shardkl.distributed``).
 
 Memory, measured in one more call after the timing: on CUDA the allocator's peak above what was held before the
 call; on CPU the peak of the bytes held by tensors that PyTorch operators create during the call (a
@@ -42,6 +43,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # a sample shorter than this repeats the call inside it
 MIN_SAMPLE_S = 0.005
 MAX_INNER = 100
+# a method whose first call takes longer than this gets 3 timed rounds, not --reps (the slow baselines)
+SLOW_CALL_S = 0.3
 
 # peak memory bandwidth by device name (substring, bytes/s), most specific first
 HBM_BANDWIDTH: tuple[tuple[str, float], ...] = (
@@ -262,6 +265,7 @@ def measure_point(point: Point, config: Config, group: Any, info: dict[str, Any]
 
     counted: dict[tuple[str, str], tuple[int, int]] = {}
     inner: dict[tuple[str, str], int] = {}
+    reps: dict[tuple[str, str], int] = {}
     errors: dict[tuple[str, str], str] = {}
     for key, fn in calls.items():
         _barrier(group)
@@ -275,14 +279,17 @@ def measure_point(point: Point, config: Config, group: Any, info: dict[str, Any]
                 raise
             errors[key] = "out of memory"
             continue
-        first = time.perf_counter() - start
+        first = _agree_max(time.perf_counter() - start, group)
         counted[key] = (counter.total, counter.bytes_sent)
-        inner[key] = int(_agree_max(min(MAX_INNER, max(1, math.ceil(MIN_SAMPLE_S / max(first, 1e-9)))), group))
+        inner[key] = min(MAX_INNER, max(1, math.ceil(MIN_SAMPLE_S / max(first, 1e-9))))
+        reps[key] = min(config.reps, 3) if first > SLOW_CALL_S else config.reps
     live = [key for key in calls if key not in errors]
 
     samples: dict[tuple[str, str], list[float]] = {key: [] for key in live}
-    for _ in range(config.reps):
+    for round_ in range(config.reps):
         for key in live:
+            if round_ >= reps[key]:
+                continue
             _barrier(group)
             _sync(device)
             start = time.perf_counter()
