@@ -76,6 +76,11 @@ def main(argv: list[str], *, on_stage: Any = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
 
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        print(f"{PROG}: error: needs Ray: pip install -e '.[ray]'", file=sys.stderr)
+        return 1
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from shardkl.apps import runtime
     from shardkl.apps.progress import StageLog, Timeline

@@ -61,8 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import dataclasses
+    import importlib.util
     import platform
     import time
+
+    if importlib.util.find_spec("transformers") is None:
+        print(f"{PROG}: error: the model needs transformers: pip install transformers", file=sys.stderr)
+        return 1
 
     import torch
     import torch.distributed as dist

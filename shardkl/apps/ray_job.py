@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -120,12 +119,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def quiet_ray_logging(verbose: bool) -> None:
-    """Ray's Python log lines in this process at INFO with ``verbose``, else only its errors; no colour codes in
-    forwarded worker lines unless stderr is a terminal (``RAY_COLOR_PREFIX``, unless already set)."""
+    """Ray's Python log lines in this process at INFO with ``verbose``, else only its errors; no colour codes on a
+    stream that is not a terminal.
+
+    Ray colours the lines it forwards (and its "[repeated Nx across cluster]" notes, whatever ``RAY_COLOR_PREFIX``
+    says) with colorama; colorama's own ``init()`` strips the codes from streams that are not terminals.
+    """
+    import colorama  # a dependency of Ray
     import ray.train  # noqa: F401  (importing Ray configures its logger: set the level after)
 
-    if not sys.stderr.isatty():
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    colorama.init()
     logging.getLogger("ray").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
