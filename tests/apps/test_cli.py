@@ -42,8 +42,9 @@ def _file(tmp_path: Path, text: str) -> str:
 def test_precedence_command_line_over_file_over_defaults(tmp_path: Path) -> None:
     path = _file(tmp_path, 'vocab_size = 77\ndelta = 1\ndtype = "bfloat16"\nseq_len = 5\n')
     # the command line wins wherever --config stands
-    before, after = ["--config", path, "--delta=0.25", "--seq-len", "9"], ["--delta", "0.25", "--seq_len=9", "--config", path]
-    for argv in (before, after):
+    first = ["--config", path, "--delta=0.25", "--seq-len", "9"]
+    last = ["--delta", "0.25", "--seq_len=9", "--config", path]
+    for argv in (first, last):
         config, _ = _parse(argv)
         assert (config.vocab_size, config.delta, config.seq_len, config.dtype) == (77, 0.25, 9, "bfloat16")
         assert config.batch_size == ExperimentConfig().batch_size
