@@ -125,11 +125,15 @@ def quiet_ray_logging(verbose: bool) -> None:
     Ray colours the lines it forwards (and its "[repeated Nx across cluster]" notes, whatever ``RAY_COLOR_PREFIX``
     says) with colorama; colorama's own ``init()`` strips the codes from streams that are not terminals.
     """
-    import colorama  # a dependency of Ray
-    import ray.train  # noqa: F401  (importing Ray configures its logger: set the level after)
+    # importing Ray configures its logger (so the level is set after) and puts its copy of colorama on the path
+    import ray.train  # noqa: F401
 
-    colorama.init()
     logging.getLogger("ray").setLevel(logging.INFO if verbose else logging.ERROR)
+    try:
+        import colorama
+    except ImportError:  # a Ray without colorama colours nothing
+        return
+    colorama.init()
 
 
 def start_ray(address: str = "", *, verbose: bool = False) -> str:
