@@ -173,6 +173,21 @@ def held_columns(local_ids: Tensor, cols: int) -> tuple[Tensor, Tensor]:
     return inside, torch.where(inside, local_ids, torch.full_like(local_ids, cols))
 
 
+def accurate_lse(x: Tensor) -> Tensor:
+    """``[rows]`` float64 log-sum-exp of a tile: ``exp`` in the tile's dtype, the sum accumulated in float64.
+
+    The top-k buckets compare the tail's log-mass with the ids' logits directly, so an absolute error ``δ`` of the
+    tail's log-sum-exp moves the divergence by ``~ δ · sqrt(KL)``: 1e-6 (fp32 accumulation over 32k columns) would
+    be 1% at KL = 1e-9. Accumulated in float64, the sum's error is the per-element ``exp`` rounding, random in sign.
+    """
+    m = torch.amax(x, dim=-1, keepdim=True) if x.shape[-1] else torch.full_like(x[..., :1], float("-inf"))
+    m_safe = _finite_or_zero(m)
+    total = torch.exp(x - m_safe).sum(dim=-1, dtype=torch.float64)
+    lse = m_safe.squeeze(-1).to(torch.float64) + torch.log(total)
+    # a +inf logit reads as +inf (not NaN), so the checks name it
+    return torch.where(m.squeeze(-1) == float("inf"), m.squeeze(-1).to(torch.float64), lse)
+
+
 def topk_tile_stats(s: Tensor, local_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(lse, lse_excl, s_ids)`` of one tile of student logits.
 
@@ -182,8 +197,9 @@ def topk_tile_stats(s: Tensor, local_ids: Tensor) -> tuple[Tensor, Tensor, Tenso
             ``[0, cols)`` is not in this tile).
 
     Returns:
-        ``lse`` ``[rows]`` over the tile, ``lse_excl`` ``[rows]`` over the tile's columns that are not among the
-        ids, ``s_ids`` ``[rows, K]`` the logits at the ids in this tile, ``-inf`` for the others.
+        ``lse`` ``[rows]`` over the tile (compute dtype, for the checks), ``lse_excl`` ``[rows]`` float64 over the
+        tile's columns that are not among the ids, ``s_ids`` ``[rows, K]`` the logits at the ids in this tile,
+        ``-inf`` for the others.
     """
     rows, cols = s.shape
     inside, index = held_columns(local_ids, cols)
@@ -192,7 +208,7 @@ def topk_tile_stats(s: Tensor, local_ids: Tensor) -> tuple[Tensor, Tensor, Tenso
     lse = torch.logsumexp(s, dim=-1)
     # the ids' columns (and the spare one) set to -inf: the tail's own log-sum-exp, with nothing subtracted
     excluded = padded.scatter(-1, index, float("-inf"))
-    return lse, torch.logsumexp(excluded, dim=-1), s_ids
+    return lse, accurate_lse(excluded), s_ids
 
 
 class Buckets(NamedTuple):
@@ -209,28 +225,39 @@ class Buckets(NamedTuple):
     t_total: Tensor
 
 
-def buckets(lse: Tensor, lse_excl: Tensor, s_ids: Tensor, teacher_logprobs: Tensor, tail_tolerance: float) -> Buckets:
-    """Both sides' buckets from the student's global log-sum-exps and logits at the ids, and the teacher's log-probs.
+def buckets(lse_excl: Tensor, s_ids: Tensor, teacher_logprobs: Tensor, tail_tolerance: float) -> Buckets:
+    """Both sides' buckets from the student's global tail log-sum-exp and logits at the ids, and the teacher's
+    log-probs.
 
-    The teacher's tail is ``−expm1(logsumexp(t))``, clamped at 0 (probabilities summing to 1 or, within rounding,
-    above). Where the student's tail is empty (K = V, or every other logit ``-inf``) a teacher tail no larger than
-    ``tail_tolerance`` is rounding of a sum that is 1, and is taken as empty too; otherwise an empty student bucket
-    facing teacher mass is an infinite forward KL, as it should be.
+    The student's log-sum-exp is the merge of its buckets, ``logaddexp(lse_excl, logsumexp(s_ids))``, so its bucket
+    masses sum to 1 to float64 rounding whatever the rounding of ``lse_excl``. The teacher's tail is
+    ``−expm1(logsumexp(t))``, clamped at 0 (probabilities summing to 1 or, within rounding, above). Where the
+    student's tail is empty (K = V, or every other logit ``-inf``) a teacher tail no larger than ``tail_tolerance``
+    is rounding of a sum that is 1, and is taken as empty too; otherwise an empty student bucket facing teacher mass
+    is an infinite forward KL, as it should be.
 
     Args:
-        lse, lse_excl: ``[rows]`` the student's log-sum-exp over the vocabulary, and over it without the ids.
+        lse_excl: ``[rows]`` the student's log-sum-exp over the vocabulary without the ids.
         s_ids: ``[rows, K]`` the student's logits at the ids.
         teacher_logprobs: ``[rows, K]``.
         tail_tolerance: the rounding of the teacher's probabilities (see ``shardkl._teacher_checks``).
+
+    Returns:
+        :class:`Buckets`, float64.
     """
-    finite = _finite_or_zero(lse).unsqueeze(-1)
-    log_s = torch.cat([s_ids, lse_excl.unsqueeze(-1)], dim=-1) - finite
+    logits = torch.cat([s_ids, lse_excl.unsqueeze(-1)], dim=-1)
+    log_s = logits - _finite_or_zero(torch.logsumexp(logits, dim=-1)).unsqueeze(-1)
     lse_t = torch.logsumexp(teacher_logprobs, dim=-1)
     # the tail's mass 1 - sum_k exp(t_k), exact for a tail much smaller than 1 (no 1 - 0.999... cancellation)
     tail = (-torch.expm1(lse_t)).clamp(min=0)
     tail = torch.where((log_s[:, -1] == float("-inf")) & (tail <= tail_tolerance), torch.zeros_like(tail), tail)
     log_t = torch.cat([teacher_logprobs, torch.log(tail).unsqueeze(-1)], dim=-1)
     return Buckets(log_s, log_t, torch.exp(lse_t) + tail)
+
+
+def student_lse(lse_excl: Tensor, s_ids: Tensor) -> Tensor:
+    """``[rows]`` the student's global log-sum-exp, merged from its buckets (as :func:`buckets` normalises them)."""
+    return torch.logsumexp(torch.cat([s_ids, lse_excl.unsqueeze(-1)], dim=-1), dim=-1)
 
 
 def topk_divergence(buckets: Buckets, direction: Direction) -> Tensor:
@@ -307,6 +334,7 @@ def topk_tile_grads(s: Tensor, local_ids: Tensor, inputs: TopKGradInputs, grad: 
 
 __all__ = [
     "Buckets",
+    "accurate_lse",
     "buckets",
     "Direction",
     "JSDTile",
@@ -317,6 +345,7 @@ __all__ = [
     "jsd_tile_terms",
     "log_probs",
     "mixture_log_ratios",
+    "student_lse",
     "tile_lse",
     "topk_divergence",
     "topk_grad_inputs",

@@ -5,8 +5,9 @@
   checks' metadata, then a sum over the ranks of the per-token partial divergences), the backward none. β = 0 and
   β = 1 are KL(P‖Q) and KL(Q‖P) (TRL's convention), one engine call each.
 - :func:`topk_kl`: the KL between a teacher known only by its top-k log-probs and the student, over K + 1 buckets
-  (the ids and an exact tail). One all-gather of the student's log-sum-exp, its log-sum-exp without the ids and its
-  logits at the ids (``K + 2`` floats per token per rank, whatever the vocabulary), none in backward.
+  (the ids and an exact tail). One all-gather of the student's log-sum-exp without the ids and its logits at the
+  ids (``K + 1`` floats per token per rank, whatever the vocabulary; its full log-sum-exp is their merge), none in
+  backward.
 - :func:`distillation_loss`: forward KL, reverse KL or JSD against full teacher logits or a :class:`TopKTeacher`,
   masked and reduced like :func:`shardkl.kl_penalty`.
 
@@ -306,7 +307,8 @@ class _TopKFunction(torch.autograd.Function):
         src = _DenseLogits(s, dtype, engine.temperature)
         rows, vocab, k = src.rows, src.vocab, ids.shape[-1]
         local_ids = ids - engine.layout.start
-        lse, lse_excl = _no_mass(rows, dtype, s.device), _no_mass(rows, dtype, s.device)
+        lse = _no_mass(rows, dtype, s.device)
+        lse_excl = _no_mass(rows, torch.float64, s.device)
         s_ids = _no_mass(k, dtype, s.device, rows)
         for rs, col_slices in _tiles(rows, vocab):
             parts = [_divergences.topk_tile_stats(src.tile(rs, cs), local_ids[rs] - cs.start) for cs in col_slices]
@@ -315,12 +317,14 @@ class _TopKFunction(torch.autograd.Function):
             # each id lies in at most one tile; the others read -inf
             s_ids[rs] = torch.stack([p[2] for p in parts]).amax(dim=0)
         keep = None if mask is None else (mask.reshape(-1) != 0)
+        # this rank's full log-sum-exp only feeds the shared checks (NaN, +inf); the global one is the merge of
+        # the buckets, so it does not travel
         stats = torch.stack((lse, torch.zeros_like(lse)))
         meta = _validation.local_meta(_call_info(engine, s, None, rows), stats, s, None, mask)
         teacher_meta = _teacher_checks.teacher_meta(ids, logprobs, keep)
-        body = torch.cat([lse, lse_excl, s_ids.reshape(-1)])
-        # The one collective: per token the student's lse, its lse without the teacher's ids and its logits at the
-        # ids this rank holds (K + 2 floats, whatever V), then the teacher's and the call's check metadata.
+        body = torch.cat([lse_excl, s_ids.reshape(-1).to(torch.float64)])
+        # The one collective: per token the student's log-sum-exp without the teacher's ids and its logits at the
+        # ids this rank holds (K + 1 floats, whatever V), then the teacher's and the call's check metadata.
         gathered = _gather(body, teacher_meta, meta, engine, "student statistics at the teacher's top-k")
         world = gathered.shape[0]
         n_meta, n_teacher = _validation.NUM_META, _teacher_checks.NUM_TEACHER_META
@@ -338,15 +342,15 @@ class _TopKFunction(torch.autograd.Function):
             gathered[:, -(n_meta + n_teacher) : -n_meta].tolist(), valid, validate=engine.options.validate
         )
         # merged in float64, in rank order: the same on every rank
-        parts64 = gathered[:, : (2 + k) * rows]
-        lse64 = torch.logsumexp(parts64[:, :rows], dim=0)
-        excl64 = torch.logsumexp(parts64[:, rows : 2 * rows], dim=0)
+        excl64 = torch.logsumexp(gathered[:, :rows], dim=0)
         # exactly one rank holds each id; the others sent -inf
-        ids64 = parts64[:, 2 * rows :].reshape(world, rows, k).amax(dim=0)
+        ids64 = gathered[:, rows : (1 + k) * rows].reshape(world, rows, k).amax(dim=0)
         tolerance = _teacher_checks.SUM_TOLERANCE.get(logprobs.dtype, _teacher_checks.DEFAULT_TOLERANCE)
-        buckets = _divergences.buckets(lse64, excl64, ids64, logprobs.to(torch.float64), tolerance)
+        buckets = _divergences.buckets(excl64, ids64, logprobs.to(torch.float64), tolerance)
         value = _divergences.topk_divergence(buckets, spec.direction)
-        inputs = _divergences.topk_grad_inputs(buckets, lse64, excl64, spec.direction)
+        inputs = _divergences.topk_grad_inputs(
+            buckets, _divergences.student_lse(excl64, ids64), excl64, spec.direction
+        )
         ctx.save_for_backward(s, local_ids, *(x.to(dtype) for x in inputs))
         ctx.spec = spec
         ctx.dtype = dtype
@@ -397,7 +401,7 @@ def topk_kl(
     other ids, never from ``1 − Σ``) against the teacher's ``exp(t_k)`` and tail ``1 − Σ_k exp(t_k)``. Unlike the
     KL truncated to the top-k (which goes negative) or renormalised over it, this is a KL between two distributions:
     never negative, 0 only when the buckets agree, a lower bound of the full-vocabulary KL (coarse-graining never
-    increases a KL), and equal to it when K = V. One collective in forward (``K + 2`` floats per token per rank),
+    increases a KL), and equal to it when K = V. One collective in forward (``K + 1`` floats per token per rank),
     none in backward; the gradient goes to the student logits only, and each rank's part is local.
 
     A teacher whose top-k probabilities sum to 1 leaves an empty tail: ``"forward"`` then gets nothing from the
