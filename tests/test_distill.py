@@ -54,7 +54,8 @@ def test_jsd_values_and_gradients_match_float64_reference(beta, temperature, sma
 def test_jsd_of_teacher_and_student_is_trl_generalized_jsd_loss(beta) -> None:
     teacher, student = _pair(seed=3, delta=1.5)
     got = shardkl.jsd(teacher, student, beta=beta, temperature=0.9)
-    torch.testing.assert_close(got, trl_generalized_jsd(student, teacher, beta, temperature=0.9), rtol=1e-12, atol=1e-14)
+    want = trl_generalized_jsd(student, teacher, beta, temperature=0.9)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     # and the two ends are the two KLs, in TRL's directions
     if beta == 0.0:
         torch.testing.assert_close(got, shardkl.exact_kl(teacher, student, temperature=0.9))
@@ -349,7 +350,7 @@ def test_topk_gradcheck_and_no_gradient_to_the_teacher() -> None:
     logprobs = logprobs.clone().requires_grad_()
     for direction in ("forward", "reverse"):
         assert torch.autograd.gradcheck(
-            lambda s: shardkl.topk_kl(s, ids, logprobs.detach(), direction=direction, temperature=1.1),
+            lambda s, d=direction: shardkl.topk_kl(s, ids, logprobs.detach(), direction=d, temperature=1.1),
             (student.clone().requires_grad_(),),
         )
     shardkl.topk_kl(student.clone().requires_grad_(), ids, logprobs).sum().backward()
