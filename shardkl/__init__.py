@@ -12,6 +12,7 @@ from shardkl.distributed import CollectiveCounter, CollectiveError, count_collec
 from shardkl.estimators import SAMPLED_ESTIMATORS, SampledEstimator, k1, k2, k3
 from shardkl.functional import KLStats, entropy, exact_kl, kl_stats, sampled_kl, token_logprobs
 from shardkl.layout import VocabLayout, shard_bounds
+from shardkl.linear import LinearLogits
 from shardkl.losses import ESTIMATORS, Estimator, GRPOLoss, grpo_loss, kl_penalty
 from shardkl.options import NAN_POLICIES, NanPolicy, Options, set_collective_timeout
 from shardkl.reduction import REDUCTIONS, Reduction, reduce_tokens
@@ -31,6 +32,7 @@ __all__ = [
     "Estimator",
     "GRPOLoss",
     "KLStats",
+    "LinearLogits",
     "NanPolicy",
     "Options",
     "Reduction",

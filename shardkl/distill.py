@@ -18,7 +18,6 @@ Functions. ``docs/distillation.md`` has the derivations and the table of what ea
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, get_args
@@ -28,13 +27,16 @@ from torch import Tensor
 
 from shardkl import _divergences, _teacher_checks, _validation
 from shardkl._divergences import Direction
-from shardkl._dtensor import is_dtensor, to_local_like, unwrap_logits
-from shardkl._engine import EngineSpec, _options_code, _row_blocks, compute_dtype
+from shardkl._dtensor import is_dtensor, to_local_like, unwrap_linear, unwrap_logits
+from shardkl._engine import EngineSpec, call_info, compute_dtype
+from shardkl._fused import _Grads, _Side
+from shardkl._fused import _tiles as _fused_tiles
 from shardkl._inputs import Call, resolve
 from shardkl.distributed import ProcessGroup, all_gather_flat, all_reduce_sum, check_tiling
 from shardkl.functional import exact_kl, run_engine
-from shardkl.kernels import eager, scaled
+from shardkl.kernels import scaled
 from shardkl.layout import VocabLayout
+from shardkl.linear import LinearLogits
 from shardkl.options import Options
 from shardkl.reduction import Reduction, check_reduction, reduce_checked
 
@@ -58,45 +60,54 @@ class TopKTeacher(NamedTuple):
 
 # --- tiles of logits ------------------------------------------------------------------------------------------
 
-
-class _DenseLogits:
-    """``[rows, cols]`` tiles of scaled logits read from a ``[..., V_local]`` tensor, and its gradient.
-
-    A tile is a view of the tensor (converted to the compute dtype, divided by the temperature); only a tile whose
-    rows span blocks of a tensor that is not viewable as 2-D (e.g. ``logits[:, :-1]``) is copied.
-    """
-
-    def __init__(self, logits: Tensor, dtype: torch.dtype, temperature: float) -> None:
-        self.logits = logits
-        self.dtype = dtype
-        self.temperature = temperature
-        self.vocab = logits.shape[-1]
-        self.rows = math.prod(logits.shape[:-1])
-        self._blocks = [(row0, block) for row0, block, _ in _row_blocks(logits, None)] if logits.numel() else []
-
-    def tile(self, rows: slice, cols: slice) -> Tensor:
-        pieces = []
-        for row0, block in self._blocks:
-            lo, hi = max(rows.start, row0), min(rows.stop, row0 + block.shape[0])
-            if lo < hi:
-                pieces.append(block[lo - row0 : hi - row0, cols])
-        return scaled(pieces[0] if len(pieces) == 1 else torch.cat(pieces), self.dtype, self.temperature)
-
-    def new_grad(self) -> Tensor:
-        return torch.zeros(self.logits.shape, dtype=self.logits.dtype, device=self.logits.device)
-
-    def write_grad(self, grad: Tensor, rows: slice, cols: slice, tile_grad: Tensor) -> None:
-        """Store the gradient with respect to one tile of *scaled* logits (``1/T`` applied here)."""
-        if self.temperature != 1.0:
-            tile_grad = tile_grad * (1.0 / self.temperature)
-        grad.view(-1, self.vocab)[rows, cols] = tile_grad.to(grad.dtype)
+Source = Tensor | LinearLogits
+_Parts = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]
 
 
-def _tiles(rows: int, vocab: int) -> Iterator[tuple[slice, list[slice]]]:
-    """The engine's eager tiling: row blocks, each with its vocabulary chunks (none for an empty shard)."""
+def _parts(x: Source) -> _Parts:
+    """``(logits, hidden, weight, bias)`` of one side, the autograd inputs of the Functions below."""
+    if isinstance(x, LinearLogits):
+        return None, x.hidden, x.weight, x.bias
+    return x, None, None, None
+
+
+def _side(parts: _Parts) -> _Side:
+    return _Side(*parts)
+
+
+def _blocks(side: _Side) -> Iterator[tuple[slice, list[slice]]]:
+    """The fused engine's walk: vocabulary blocks of ``C`` columns (a block of weight rows is converted once), each
+    with its row blocks; nothing for an empty shard."""
+    rows, vocab = side.rows, side.vocab
     if rows == 0 or vocab == 0:
         return
-    yield from eager.tiles(rows, vocab)
+    row_block, col_block = _fused_tiles(rows, vocab)
+    row_slices = [slice(r, min(r + row_block, rows)) for r in range(0, rows, row_block)]
+    for c0 in range(0, vocab, col_block):
+        yield slice(c0, min(c0 + col_block, vocab)), row_slices
+
+
+def _tile(side: _Side, rows: slice, cols: slice, block: tuple[Tensor, Tensor | None] | None, dtype: torch.dtype,
+          temperature: float) -> Tensor:
+    """One ``[rows, cols]`` tile of scaled logits in the compute dtype (a view, or a matmul for a linear side)."""
+    return scaled(side.tile(rows, cols, block, dtype), dtype, temperature)
+
+
+def _row0(parts: _Parts) -> Tensor | None:
+    logits = parts[0]
+    return logits[(0,) * (logits.dim() - 1)] if logits is not None and logits.numel() else None
+
+
+def _input_dtype(parts: _Parts) -> torch.dtype:
+    source = parts[0] if parts[0] is not None else parts[1]
+    assert source is not None
+    return source.dtype
+
+
+def _device(parts: _Parts) -> torch.device:
+    source = parts[0] if parts[0] is not None else parts[1]
+    assert source is not None
+    return source.device
 
 
 # --- the shared gather ----------------------------------------------------------------------------------------
@@ -109,21 +120,6 @@ class _Spec:
     engine: EngineSpec
     beta: float = 0.5
     direction: Direction = "forward"
-
-
-def _call_info(spec: EngineSpec, p: Tensor, q_dtype: torch.dtype | None, rows: int) -> _validation.CallInfo:
-    return _validation.CallInfo(
-        layout=spec.layout,
-        layout_given=spec.layout_given,
-        kept=p.shape[-1],
-        rows=rows,
-        lead_shape=p.shape[:-1],
-        p_dtype=p.dtype,
-        q_dtype=q_dtype,
-        temperature=spec.temperature,
-        nan_policy=spec.options.nan_policy,
-        options_code=_options_code(spec.options),
-    )
 
 
 def _gather(body: Tensor, extra_meta: Tensor | None, meta: Tensor, spec: EngineSpec, what: str) -> Tensor:
@@ -143,29 +139,49 @@ def _no_mass(rows: int, dtype: torch.dtype, device: torch.device, *shape: int) -
 
 
 class _JSDFunction(torch.autograd.Function):
-    """Per-token ``JSD_β`` of sharded logits for 0 < β < 1: two collectives in forward, none in backward."""
+    """Per-token ``JSD_β`` for 0 < β < 1: two collectives in forward, none in backward.
+
+    Inputs per side: ``logits`` (a tensor), or ``hidden, weight, bias`` of a :class:`shardkl.LinearLogits`.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, a: Tensor, b: Tensor, mask: Tensor | None, spec: _Spec
+        ctx: Any,
+        a_logits: Tensor | None,
+        a_hidden: Tensor | None,
+        a_weight: Tensor | None,
+        a_bias: Tensor | None,
+        b_logits: Tensor | None,
+        b_hidden: Tensor | None,
+        b_weight: Tensor | None,
+        b_bias: Tensor | None,
+        mask: Tensor | None,
+        spec: _Spec,
     ) -> Tensor:
-        dtype = compute_dtype(a, b)
+        parts_a: _Parts = (a_logits, a_hidden, a_weight, a_bias)
+        parts_b: _Parts = (b_logits, b_hidden, b_weight, b_bias)
+        side_a, side_b = _side(parts_a), _side(parts_b)
         engine, beta = spec.engine, spec.beta
-        lead_shape = a.shape[:-1]
-        src_a = _DenseLogits(a, dtype, engine.temperature)
-        src_b = _DenseLogits(b, dtype, engine.temperature)
-        rows, vocab = src_a.rows, src_a.vocab
-        lse = _no_mass(rows, dtype, a.device, 2)
-        for rs, col_slices in _tiles(rows, vocab):
-            leaves = [
-                torch.stack((_divergences.tile_lse(src_a.tile(rs, cs)), _divergences.tile_lse(src_b.tile(rs, cs))))
-                for cs in col_slices
-            ]
-            lse[:, rs] = torch.logsumexp(torch.stack(leaves), dim=0)
-        zeros = torch.zeros(rows, dtype=dtype, device=a.device)
+        temperature = engine.temperature
+        dtype = compute_dtype(*parts_a[:3], *parts_b[:3])
+        device = _device(parts_a)
+        rows, lead_shape = side_a.rows, side_a.lead_shape
+        lse = _no_mass(rows, dtype, device, 2)
+        for cols, row_slices in _blocks(side_a):
+            block_a, block_b = side_a.block(cols, dtype), side_b.block(cols, dtype)
+            for rs in row_slices:
+                tile_a = _tile(side_a, rs, cols, block_a, dtype, temperature)
+                tile_b = _tile(side_b, rs, cols, block_b, dtype, temperature)
+                part = torch.stack((_divergences.tile_lse(tile_a), _divergences.tile_lse(tile_b)))
+                lse[:, rs] = torch.logaddexp(lse[:, rs], part)
+        zeros = torch.zeros(rows, dtype=dtype, device=device)
         # the engine's stats layout (LA, ENT, LB, KL), so the shared checks read NaN and +inf of both inputs
         stats = torch.stack((lse[0], zeros, lse[1], zeros))
-        meta = _validation.local_meta(_call_info(engine, a, b.dtype, rows), stats, a, None, mask)
+        info = call_info(
+            engine, kept=side_a.vocab, rows=rows, lead_shape=lead_shape, p_dtype=_input_dtype(parts_a),
+            q_dtype=_input_dtype(parts_b),
+        )
+        meta = _validation.local_meta(info, stats, _row0(parts_a), None, mask)
         # Collective 1 of 2: every rank's log-sum-exps of both inputs (log M needs the global ones) and metadata.
         gathered = _gather(lse, None, meta, engine, "log-sum-exps of the JSD")
         world = gathered.shape[0]
@@ -176,11 +192,14 @@ class _JSDFunction(torch.autograd.Function):
         # merged in float64, in rank order: the same on every rank
         merged = torch.logsumexp(gathered[:, : 2 * rows].reshape(world, 2, rows), dim=0).to(dtype)
         lse_a, lse_b = merged[0], merged[1]
-        partial = torch.zeros(2, rows, dtype=dtype, device=a.device)
-        for rs, col_slices in _tiles(rows, vocab):
-            for cs in col_slices:
+        partial = torch.zeros(2, rows, dtype=dtype, device=device)
+        for cols, row_slices in _blocks(side_a):
+            block_a, block_b = side_a.block(cols, dtype), side_b.block(cols, dtype)
+            for rs in row_slices:
                 partial[:, rs] += _divergences.jsd_tile_terms(
-                    src_a.tile(rs, cs), src_b.tile(rs, cs), lse_a[rs], lse_b[rs], beta
+                    _tile(side_a, rs, cols, block_a, dtype, temperature),
+                    _tile(side_b, rs, cols, block_b, dtype, temperature),
+                    lse_a[rs], lse_b[rs], beta,
                 )
         # Collective 2 of 2: the per-token partial KL(P‖M) and KL(Q‖M) of every rank's columns, summed.
         total = all_reduce_sum(
@@ -189,35 +208,44 @@ class _JSDFunction(torch.autograd.Function):
         )
         kl_pm, kl_qm = total[0].to(dtype), total[1].to(dtype)
         value = (beta * total[0] + (1 - beta) * total[1]).to(dtype)
-        ctx.save_for_backward(a, b, lse_a, lse_b, kl_pm, kl_qm)
-        ctx.spec = spec
-        ctx.dtype = dtype
+        ctx.save_for_backward(*parts_a, *parts_b, lse_a, lse_b, kl_pm, kl_qm)
+        ctx.spec, ctx.dtype = spec, dtype
         ctx.set_materialize_grads(False)
         return value.reshape(lead_shape)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        a, b, lse_a, lse_b, kl_pm, kl_qm = ctx.saved_tensors
-        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        engine, beta, dtype = ctx.spec.engine, ctx.spec.beta, ctx.dtype
-        src_a = _DenseLogits(a, dtype, engine.temperature)
-        src_b = _DenseLogits(b, dtype, engine.temperature)
-        grad_a = src_a.new_grad() if need_a else None
-        grad_b = src_b.new_grad() if need_b else None
-        if grad is None or not (need_a or need_b):
-            return grad_a, grad_b, None, None
-        g = grad.reshape(-1).to(dtype)
-        for rs, col_slices in _tiles(src_a.rows, src_a.vocab):
-            for cs in col_slices:
-                ga, gb = _divergences.jsd_tile_grads(
-                    src_a.tile(rs, cs), src_b.tile(rs, cs), lse_a[rs], lse_b[rs], kl_pm[rs], kl_qm[rs], beta, g[rs],
-                    need_a=need_a, need_b=need_b,
-                )
-                if grad_a is not None and ga is not None:
-                    src_a.write_grad(grad_a, rs, cs, ga)
-                if grad_b is not None and gb is not None:
-                    src_b.write_grad(grad_b, rs, cs, gb)
-        return grad_a, grad_b, None, None
+        saved = ctx.saved_tensors
+        parts_a, parts_b = tuple(saved[0:4]), tuple(saved[4:8])
+        lse_a, lse_b, kl_pm, kl_qm = saved[8:12]
+        spec, dtype = ctx.spec, ctx.dtype
+        temperature, beta = spec.engine.temperature, spec.beta
+        side_a, side_b = _side(parts_a), _side(parts_b)
+        grads_a = _Grads(side_a, ctx.needs_input_grad[0:4], dtype)
+        grads_b = _Grads(side_b, ctx.needs_input_grad[4:8], dtype)
+        if grad is not None and (grads_a.any or grads_b.any):
+            g = grad.reshape(-1).to(dtype)
+            for cols, row_slices in _blocks(side_a):
+                block_a, block_b = side_a.block(cols, dtype), side_b.block(cols, dtype)
+                grads_a.start_block(cols)
+                grads_b.start_block(cols)
+                for rs in row_slices:
+                    ga, gb = _divergences.jsd_tile_grads(
+                        _tile(side_a, rs, cols, block_a, dtype, temperature),
+                        _tile(side_b, rs, cols, block_b, dtype, temperature),
+                        lse_a[rs], lse_b[rs], kl_pm[rs], kl_qm[rs], beta, g[rs],
+                        need_a=grads_a.any, need_b=grads_b.any,
+                    )
+                    # the tile's gradient is with respect to the scaled logits: 1/T for the raw ones
+                    grads_a.add(_unscaled(ga, temperature), rs, cols, block_a)
+                    grads_b.add(_unscaled(gb, temperature), rs, cols, block_b)
+                grads_a.end_block(cols)
+                grads_b.end_block(cols)
+        return (*grads_a.result(), *grads_b.result(), None, None)
+
+
+def _unscaled(grad: Tensor | None, temperature: float) -> Tensor | None:
+    return grad if grad is None or temperature == 1.0 else grad.mul_(1.0 / temperature)
 
 
 def _check_beta(beta: object) -> float:
@@ -234,8 +262,8 @@ def _spec(call: Call, *, beta: float = 0.5, direction: Direction = "forward") ->
 
 
 def jsd(
-    p_logits: Tensor,
-    q_logits: Tensor,
+    p_logits: Source,
+    q_logits: Source,
     *,
     beta: float = 0.5,
     group: ProcessGroup | None = None,
@@ -287,7 +315,7 @@ def jsd(
         # KL(Q‖P): the engine with the two inputs' roles exchanged
         values = run_engine(call._replace(p=call.q, q=call.p), entropy=False).exact_kl
     else:
-        values = _JSDFunction.apply(call.p, call.q, call.mask, _spec(call, beta=beta))
+        values = _JSDFunction.apply(*_parts(call.p), *_parts(call.q), call.mask, _spec(call, beta=beta))
     return reduce_checked(values, call.mask, reduction)
 
 
@@ -295,32 +323,51 @@ def jsd(
 
 
 class _TopKFunction(torch.autograd.Function):
-    """Per-token bucket KL between a top-k teacher and sharded student logits: one collective, none in backward."""
+    """Per-token bucket KL between a top-k teacher and the sharded student: one collective, none in backward.
+
+    The student is ``logits`` (a tensor), or ``hidden, weight, bias`` of a :class:`shardkl.LinearLogits`.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, s: Tensor, ids: Tensor, logprobs: Tensor, mask: Tensor | None, spec: _Spec
+        ctx: Any,
+        s_logits: Tensor | None,
+        s_hidden: Tensor | None,
+        s_weight: Tensor | None,
+        s_bias: Tensor | None,
+        ids: Tensor,
+        logprobs: Tensor,
+        mask: Tensor | None,
+        spec: _Spec,
     ) -> Tensor:
+        parts: _Parts = (s_logits, s_hidden, s_weight, s_bias)
+        side = _side(parts)
         engine = spec.engine
-        dtype = compute_dtype(s, logprobs)
-        lead_shape = s.shape[:-1]
-        src = _DenseLogits(s, dtype, engine.temperature)
-        rows, vocab, k = src.rows, src.vocab, ids.shape[-1]
+        temperature = engine.temperature
+        dtype = compute_dtype(*parts[:3], logprobs)
+        device = _device(parts)
+        rows, lead_shape, k = side.rows, side.lead_shape, ids.shape[-1]
         local_ids = ids - engine.layout.start
-        lse = _no_mass(rows, dtype, s.device)
-        lse_excl = _no_mass(rows, torch.float64, s.device)
-        s_ids = _no_mass(k, dtype, s.device, rows)
-        for rs, col_slices in _tiles(rows, vocab):
-            parts = [_divergences.topk_tile_stats(src.tile(rs, cs), local_ids[rs] - cs.start) for cs in col_slices]
-            lse[rs] = torch.logsumexp(torch.stack([p[0] for p in parts]), dim=0)
-            lse_excl[rs] = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)
-            # each id lies in at most one tile; the others read -inf
-            s_ids[rs] = torch.stack([p[2] for p in parts]).amax(dim=0)
+        lse = _no_mass(rows, dtype, device)
+        lse_excl = _no_mass(rows, torch.float64, device)
+        s_ids = _no_mass(k, dtype, device, rows)
+        for cols, row_slices in _blocks(side):
+            block = side.block(cols, dtype)
+            for rs in row_slices:
+                tile = _tile(side, rs, cols, block, dtype, temperature)
+                tile_lse, tile_excl, tile_ids = _divergences.topk_tile_stats(tile, local_ids[rs] - cols.start)
+                lse[rs] = torch.logaddexp(lse[rs], tile_lse)
+                lse_excl[rs] = torch.logaddexp(lse_excl[rs], tile_excl)
+                # each id lies in at most one tile; the others read -inf
+                s_ids[rs] = torch.maximum(s_ids[rs], tile_ids)
         keep = None if mask is None else (mask.reshape(-1) != 0)
         # this rank's full log-sum-exp only feeds the shared checks (NaN, +inf); the global one is the merge of
         # the buckets, so it does not travel
         stats = torch.stack((lse, torch.zeros_like(lse)))
-        meta = _validation.local_meta(_call_info(engine, s, None, rows), stats, s, None, mask)
+        info = call_info(
+            engine, kept=side.vocab, rows=rows, lead_shape=lead_shape, p_dtype=_input_dtype(parts), q_dtype=None
+        )
+        meta = _validation.local_meta(info, stats, _row0(parts), None, mask)
         teacher_meta = _teacher_checks.teacher_meta(ids, logprobs, keep)
         body = torch.cat([lse_excl, s_ids.reshape(-1).to(torch.float64)])
         # The one collective: per token the student's log-sum-exp without the teacher's ids and its logits at the
@@ -351,29 +398,31 @@ class _TopKFunction(torch.autograd.Function):
         inputs = _divergences.topk_grad_inputs(
             buckets, _divergences.student_lse(excl64, ids64), excl64, spec.direction
         )
-        ctx.save_for_backward(s, local_ids, *(x.to(dtype) for x in inputs))
-        ctx.spec = spec
-        ctx.dtype = dtype
+        ctx.save_for_backward(*parts, local_ids, *(x.to(dtype) for x in inputs))
+        ctx.spec, ctx.dtype = spec, dtype
         ctx.set_materialize_grads(False)
         return value.to(dtype).reshape(lead_shape)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        s, local_ids, *saved = ctx.saved_tensors
-        inputs = _divergences.TopKGradInputs(*saved)
-        src = _DenseLogits(s, ctx.dtype, ctx.spec.engine.temperature)
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        grad_s = src.new_grad()
-        if grad is None:
-            return grad_s, None, None, None, None
-        g = grad.reshape(-1).to(ctx.dtype)
-        for rs, col_slices in _tiles(src.rows, src.vocab):
-            row_inputs = _divergences.TopKGradInputs(*(x[rs] for x in inputs))
-            for cs in col_slices:
-                tile_grad = _divergences.topk_tile_grads(src.tile(rs, cs), local_ids[rs] - cs.start, row_inputs, g[rs])
-                src.write_grad(grad_s, rs, cs, tile_grad)
-        return grad_s, None, None, None, None
+        saved = ctx.saved_tensors
+        parts, local_ids = tuple(saved[0:4]), saved[4]
+        inputs = _divergences.TopKGradInputs(*saved[5:])
+        side, dtype, temperature = _side(parts), ctx.dtype, ctx.spec.engine.temperature
+        grads = _Grads(side, ctx.needs_input_grad[0:4], dtype)
+        if grad is not None and grads.any:
+            g = grad.reshape(-1).to(dtype)
+            for cols, row_slices in _blocks(side):
+                block = side.block(cols, dtype)
+                grads.start_block(cols)
+                for rs in row_slices:
+                    row_inputs = _divergences.TopKGradInputs(*(x[rs] for x in inputs))
+                    tile_grad = _divergences.topk_tile_grads(
+                        _tile(side, rs, cols, block, dtype, temperature), local_ids[rs] - cols.start, row_inputs, g[rs]
+                    )
+                    grads.add(_unscaled(tile_grad, temperature), rs, cols, block)
+                grads.end_block(cols)
+        return (*grads.result(), None, None, None, None)
 
 
 def _check_direction(direction: object) -> None:
@@ -382,7 +431,7 @@ def _check_direction(direction: object) -> None:
 
 
 def topk_kl(
-    student_logits: Tensor,
+    student_logits: Source,
     teacher_ids: Tensor,
     teacher_logprobs: Tensor,
     *,
@@ -439,15 +488,21 @@ def topk_kl(
         student_logits, None, None, mask, group=group, layout=layout, valid_vocab_size=valid_vocab_size,
         temperature=temperature, options=options, two_inputs=False, p_name="student_logits",
     )
+    mesh_dim = None
     if is_dtensor(student_logits):
-        mesh_dim = unwrap_logits(student_logits, None, None).mesh_dim
+        mesh_dim = unwrap_logits("student_logits", student_logits, None).mesh_dim
+    elif isinstance(student_logits, LinearLogits) and is_dtensor(student_logits.weight):
+        mesh_dim = unwrap_linear("student_logits", student_logits, None).mesh_dim
+    if mesh_dim is not None:
+        # per-token teacher tensors, replicated over the vocabulary mesh dimension like tokens and masks
         teacher_ids = to_local_like("teacher_ids", teacher_ids, mesh_dim)
         teacher_logprobs = to_local_like("teacher_logprobs", teacher_logprobs, mesh_dim)
     ids, logprobs = _teacher_checks.check_teacher(teacher_ids, teacher_logprobs, call.p.shape[:-1])
     k = ids.shape[-1]
-    ids = ids.to(device=call.p.device, dtype=torch.long).reshape(-1, k)
-    logprobs = logprobs.detach().to(device=call.p.device).reshape(-1, k)
-    values = _TopKFunction.apply(call.p, ids, logprobs, call.mask, _spec(call, direction=direction))
+    parts = _parts(call.p)
+    ids = ids.to(device=_device(parts), dtype=torch.long).reshape(-1, k)
+    logprobs = logprobs.detach().to(device=_device(parts)).reshape(-1, k)
+    values = _TopKFunction.apply(*parts, ids, logprobs, call.mask, _spec(call, direction=direction))
     return reduce_checked(values, call.mask, reduction)
 
 
@@ -455,8 +510,8 @@ def topk_kl(
 
 
 def distillation_loss(
-    student_logits: Tensor,
-    teacher: Tensor | TopKTeacher,
+    student_logits: Source,
+    teacher: Source | TopKTeacher,
     *,
     divergence: Divergence = "forward_kl",
     beta: float | None = None,
@@ -521,10 +576,10 @@ def distillation_loss(
         )
     if divergence == "jsd":
         return jsd(teacher, student_logits, beta=0.5 if beta is None else beta, **common)
-    # the engine: one collective, both inputs' gradients; P is the first argument
-    if divergence == "forward_kl":
-        return exact_kl(teacher, student_logits, **common)
-    return exact_kl(student_logits, teacher, **common)
+    # the engine: one collective, both inputs' gradients; P is the first argument (exact_kl takes LinearLogits
+    # too, though its annotation says Tensor)
+    pair = (teacher, student_logits) if divergence == "forward_kl" else (student_logits, teacher)
+    return exact_kl(*pair, **common)  # type: ignore[arg-type]
 
 
 __all__ = [

@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 
 import shardkl
+from shardkl import _fused
 from shardkl._teacher_checks import NUM_TEACHER_META
 from shardkl._validation import NUM_META
-from shardkl.kernels import eager
 from tests._distill_reference import bucket_reference, jsd_reference, teacher_topk
 from tests._distributed import local_layout, local_slice, run_ranks, split_sizes
 
@@ -104,7 +104,7 @@ def _check_topk(rank: int, world: int, sizes: list[int]) -> None:
 
 
 def _check_values_and_gradients(rank: int, world: int) -> None:
-    eager.CHUNK_ELEMENTS, eager.MAX_VOCAB_CHUNK = 24, 5  # several tiles per shard
+    _fused.TILE_ELEMENTS, _fused.MAX_TILE_COLS = 24, 5  # several tiles per shard
     sizes = split_sizes(VOCAB, world, "uneven")
     if world == 3:
         assert sizes[0] == 0  # an empty shard
