@@ -12,8 +12,9 @@
   masked and reduced like :func:`shardkl.kl_penalty`.
 
 The per-tile math lives in :mod:`shardkl._divergences` (no communication); this module walks ``[rows, cols]`` tiles
-of logits (bounded memory, as the engine's kernels do), adds the collectives and checks, and defines the autograd
-Functions. ``docs/distillation.md`` has the derivations and the table of what each divergence does to a student.
+of logits the way the fused engine does (its ``_Side`` gives a tile as a view of a logits tensor or as a matmul of a
+:class:`shardkl.LinearLogits`; its ``_Grads`` turns a tile's logit gradient into gradients of the logits or of hidden
+states, weight and bias), adds the collectives and checks, and defines the autograd Functions. ``docs/distillation.md`` has the derivations and the table of what each divergence does to a student.
 """
 
 from __future__ import annotations
@@ -131,8 +132,9 @@ def _gather(body: Tensor, extra_meta: Tensor | None, meta: Tensor, spec: EngineS
     return all_gather_flat(torch.cat(pieces), spec.layout.group, what=what, timeout_s=spec.options.resolved_timeout_s)
 
 
-def _no_mass(rows: int, dtype: torch.dtype, device: torch.device, *shape: int) -> Tensor:
-    return torch.full((*shape, rows) if shape else (rows,), float("-inf"), dtype=dtype, device=device)
+def _no_mass(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``-inf`` everywhere: the log-sum-exp of no columns, the identity of the merges below."""
+    return torch.full(shape, float("-inf"), dtype=dtype, device=device)
 
 
 # --- generalised JSD ------------------------------------------------------------------------------------------
@@ -166,7 +168,7 @@ class _JSDFunction(torch.autograd.Function):
         dtype = compute_dtype(*parts_a[:3], *parts_b[:3])
         device = _device(parts_a)
         rows, lead_shape = side_a.rows, side_a.lead_shape
-        lse = _no_mass(rows, dtype, device, 2)
+        lse = _no_mass((2, rows), dtype, device)
         for cols, row_slices in _blocks(side_a):
             block_a, block_b = side_a.block(cols, dtype), side_b.block(cols, dtype)
             for rs in row_slices:
@@ -348,9 +350,9 @@ class _TopKFunction(torch.autograd.Function):
         device = _device(parts)
         rows, lead_shape, k = side.rows, side.lead_shape, ids.shape[-1]
         local_ids = ids - engine.layout.start
-        lse = _no_mass(rows, dtype, device)
-        lse_excl = _no_mass(rows, torch.float64, device)
-        s_ids = _no_mass(k, dtype, device, rows)
+        lse = _no_mass((rows,), dtype, device)
+        lse_excl = _no_mass((rows,), torch.float64, device)
+        s_ids = _no_mass((rows, k), dtype, device)
         for cols, row_slices in _blocks(side):
             block = side.block(cols, dtype)
             for rs in row_slices:
