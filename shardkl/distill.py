@@ -14,7 +14,8 @@
 The per-tile math lives in :mod:`shardkl._divergences` (no communication); this module walks ``[rows, cols]`` tiles
 of logits the way the fused engine does (its ``_Side`` gives a tile as a view of a logits tensor or as a matmul of a
 :class:`shardkl.LinearLogits`; its ``_Grads`` turns a tile's logit gradient into gradients of the logits or of hidden
-states, weight and bias), adds the collectives and checks, and defines the autograd Functions. ``docs/distillation.md`` has the derivations and the table of what each divergence does to a student.
+states, weight and bias), adds the collectives and checks, and defines the autograd Functions.
+``docs/distillation.md`` has the derivations and the table of what each divergence does to a student.
 """
 
 from __future__ import annotations
