@@ -20,14 +20,15 @@ from torch import Tensor
 
 from shardkl.distributed import ProcessGroup
 from shardkl.layout import VocabLayout
+from shardkl.linear import LinearLogits
 
 try:  # torch >= 2.5
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 except ImportError:  # pragma: no cover - torch 2.4 keeps DTensor private
     try:
-        from torch.distributed._tensor import DTensor, Replicate, Shard  # type: ignore[no-redef]
+        from torch.distributed._tensor import DTensor, Partial, Replicate, Shard  # type: ignore[no-redef]
     except ImportError:
-        DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
+        DTensor = Partial = Replicate = Shard = None  # type: ignore[assignment,misc]
 
 
 def is_dtensor(x: object) -> bool:
@@ -35,47 +36,34 @@ def is_dtensor(x: object) -> bool:
     return DTensor is not None and isinstance(x, DTensor)
 
 
-class LocalShards(NamedTuple):
-    """This rank's view of DTensor logits, in the engine's terms.
-
-    Attributes:
-        p_local, q_local: local vocabulary slices (``q_local`` is ``None`` for one input), differentiable views.
-        layout: this rank's slice of the vocabulary and the process group of the mesh dimension that shards it.
-        mesh_dim: the mesh dimension that shards the vocabulary.
-    """
-
-    p_local: Tensor
-    q_local: Tensor | None
-    layout: VocabLayout
-    mesh_dim: int
-
-
 def _describe(placements: tuple[Any, ...]) -> str:
     return "(" + ", ".join(repr(p) for p in placements) + ")"
 
 
-def _vocab_mesh_dim(name: str, x: Any) -> int:
-    """The one mesh dimension whose placement is ``Shard`` of the last tensor dimension; raise otherwise."""
+def _vocab_mesh_dim(name: str, x: Any, vocab_dim: int = -1) -> int:
+    """The one mesh dimension whose placement is ``Shard`` of the vocabulary dimension; raise otherwise."""
     ndim = x.dim()
+    vocab_dim %= ndim
+    what = "last" if vocab_dim == ndim - 1 else "first"
     placements = tuple(x.placements)
     vocab_dims = []
     for mesh_dim, placement in enumerate(placements):
-        if type(placement) is Shard and placement.dim % ndim == ndim - 1:
+        if type(placement) is Shard and placement.dim % ndim == vocab_dim:
             vocab_dims.append(mesh_dim)
-        elif type(placement) is Shard and placement.dim % ndim != ndim - 1:
+        elif type(placement) is Shard and placement.dim % ndim != vocab_dim:
             continue  # a non-vocabulary dimension (e.g. the batch): the result holds the local rows
         elif type(placement) is Replicate:
             continue
         else:
             raise ValueError(
-                f"{name} must be a DTensor sharded on the vocabulary (last) dimension, Shard({ndim - 1}) "
-                f"(Shard(-1)), on one mesh dimension, with Replicate() or Shard of another dimension elsewhere; "
-                f"got placements {_describe(placements)}, which holds {placement!r} on mesh dimension {mesh_dim}"
+                f"{name} must be a DTensor sharded on the vocabulary ({what}) dimension, Shard({vocab_dim}), on one "
+                f"mesh dimension, with Replicate() or Shard of another dimension elsewhere; got placements "
+                f"{_describe(placements)}, which holds {placement!r} on mesh dimension {mesh_dim}"
             )
     if len(vocab_dims) != 1:
         raise ValueError(
-            f"{name} must be a DTensor sharded on the vocabulary (last) dimension, Shard({ndim - 1}) (Shard(-1)), "
-            f"on exactly one mesh dimension; got placements {_describe(placements)}"
+            f"{name} must be a DTensor sharded on the vocabulary ({what}) dimension, Shard({vocab_dim}), on exactly "
+            f"one mesh dimension; got placements {_describe(placements)}"
         )
     return vocab_dims[0]
 
@@ -100,50 +88,76 @@ def _mesh_group(mesh: Any, mesh_dim: int) -> tuple[ProcessGroup, int]:
     return group, coordinate
 
 
-def unwrap_logits(p_logits: Any, q_logits: Any | None, group: ProcessGroup | None) -> LocalShards:
-    """Local slices, group and vocabulary offset of DTensor logits; raise before any collective if unsupported.
+class LocalSide(NamedTuple):
+    """One unwrapped DTensor input: its local part, this rank's layout, and the mesh it came from."""
 
-    Args:
-        p_logits: DTensor sharded on its last dimension.
-        q_logits: DTensor with the same mesh and placements, or ``None``.
-        group: must be ``None`` or the mesh dimension's group (the mesh already says which group).
+    local: Any
+    layout: VocabLayout
+    mesh: Any
+    mesh_dim: int
 
-    Returns:
-        :class:`LocalShards`.
-    """
-    mesh_dim = _vocab_mesh_dim("p_logits", p_logits)
-    if q_logits is not None:
-        if not is_dtensor(q_logits):
-            raise TypeError(
-                f"p_logits is a DTensor, so q_logits must be one too (same mesh and placements), "
-                f"got {type(q_logits).__name__}"
-            )
-        if q_logits.device_mesh != p_logits.device_mesh or tuple(q_logits.placements) != tuple(p_logits.placements):
-            raise ValueError(
-                f"p_logits and q_logits must share a mesh and placements, got {p_logits.device_mesh} "
-                f"{_describe(tuple(p_logits.placements))} and {q_logits.device_mesh} "
-                f"{_describe(tuple(q_logits.placements))}"
-            )
-    mesh = p_logits.device_mesh
+
+def _local_layout(name: str, mesh: Any, mesh_dim: int, vocab: int, local_size: int, group: Any) -> VocabLayout:
     mesh_group, coordinate = _mesh_group(mesh, mesh_dim)
     if group is not None and group is not mesh_group:
         raise ValueError(
-            "group must be None for DTensor logits (it comes from the mesh dimension that shards the vocabulary), "
+            "group must be None for DTensor inputs (it comes from the mesh dimension that shards the vocabulary), "
             f"got a different group than device_mesh.get_group({mesh_dim})"
         )
-    vocab = int(p_logits.shape[-1])
     # torch.chunk's layout: ceil-sized chunks in mesh order, trailing ranks shorter or empty
     layout = VocabLayout.chunked(vocab, mesh_group)
-    p_local = p_logits.to_local()
-    q_local = None if q_logits is None else q_logits.to_local()
-    for name, local in (("p_logits", p_local), ("q_logits", q_local)):
-        if local is not None and local.shape[-1] != layout.local_size:
+    if local_size != layout.local_size:
+        raise ValueError(
+            f"{name}: DTensor of global vocabulary {vocab} sharded over {mesh.size(mesh_dim)} ranks should hold "
+            f"ceil-chunk rows [{layout.start}, {layout.stop}) on mesh coordinate {coordinate}, i.e. "
+            f"{layout.local_size} of them, but its local tensor has {local_size}"
+        )
+    return layout
+
+
+def unwrap_logits(name: str, logits: Any, group: ProcessGroup | None) -> LocalSide:
+    """Local slice, layout and mesh of DTensor logits sharded on their last dimension (``to_local()`` is
+    differentiable: gradients come back as DTensors with the same placements)."""
+    mesh_dim = _vocab_mesh_dim(name, logits)
+    local = logits.to_local()
+    layout = _local_layout(name, logits.device_mesh, mesh_dim, int(logits.shape[-1]), local.shape[-1], group)
+    return LocalSide(local, layout, logits.device_mesh, mesh_dim)
+
+
+def unwrap_linear(name: str, source: Any, group: ProcessGroup | None) -> LocalSide:
+    """Local parts of a :class:`shardkl.LinearLogits` whose ``weight`` is a DTensor sharded ``Shard(0)``.
+
+    ``hidden`` must be a DTensor replicated on the vocabulary mesh dimension. Its local part is taken with a
+    ``Partial`` gradient on that dimension: each rank's gradient is its partial sum over its vocabulary rows, and
+    DTensor sums them where the replicated hidden states came from.
+    """
+    weight, hidden, bias = source.weight, source.hidden, source.bias
+    mesh_dim = _vocab_mesh_dim(f"{name}.weight", weight, vocab_dim=0)
+    mesh = weight.device_mesh
+    if not is_dtensor(hidden):
+        raise TypeError(
+            f"{name}.weight is a DTensor, so {name}.hidden must be one too, replicated on the vocabulary mesh "
+            "dimension (e.g. DTensor.from_local(hidden, mesh, [Replicate()])), so that its gradient is summed "
+            "over the ranks"
+        )
+    placements = tuple(hidden.placements)
+    if hidden.device_mesh != mesh or type(placements[mesh_dim]) is not Replicate:
+        raise ValueError(
+            f"{name}.hidden must be a DTensor on the weight's mesh, Replicate() on the vocabulary mesh dimension "
+            f"{mesh_dim}; got placements {_describe(placements)}"
+        )
+    grad_placements = tuple(Partial() if d == mesh_dim else p for d, p in enumerate(placements))
+    local_bias = None
+    if bias is not None:
+        if not is_dtensor(bias) or tuple(bias.placements) != tuple(weight.placements):
             raise ValueError(
-                f"{name}: DTensor of global vocabulary {vocab} sharded over {mesh.size(mesh_dim)} ranks should hold "
-                f"ceil-chunk columns [{layout.start}, {layout.stop}) on mesh coordinate {coordinate}, i.e. "
-                f"{layout.local_size} columns, but its local tensor has {local.shape[-1]}"
+                f"{name}.bias must be a DTensor with the weight's placements {_describe(weight.placements)}"
             )
-    return LocalShards(p_local, q_local, layout, mesh_dim)
+        local_bias = bias.to_local()
+    local_weight = weight.to_local()
+    local = LinearLogits(hidden.to_local(grad_placements=grad_placements), local_weight, local_bias)
+    layout = _local_layout(name, mesh, mesh_dim, int(weight.shape[0]), local_weight.shape[0], group)
+    return LocalSide(local, layout, mesh, mesh_dim)
 
 
 def to_local_like(name: str, x: Any, mesh_dim: int) -> Tensor:
@@ -159,3 +173,17 @@ def to_local_like(name: str, x: Any, mesh_dim: int) -> Tensor:
     local: Tensor = x.to_local()
     return local
 
+
+
+def replicated_like(hidden: Tensor, weight: Any) -> Any:
+    """``hidden`` as a DTensor replicated over the 1-D mesh of the DTensor ``weight`` (``hidden`` itself if it is a
+    DTensor already, or if ``weight`` is not one)."""
+    if is_dtensor(hidden) or not is_dtensor(weight):
+        return hidden
+    mesh = weight.device_mesh
+    if mesh.ndim != 1:
+        raise ValueError(
+            f"the output layer's weight lives on a {mesh.ndim}-D mesh: pass hidden as a DTensor whose placements say "
+            "how it is laid out on the other mesh dimensions"
+        )
+    return DTensor.from_local(hidden, mesh, [Replicate()])

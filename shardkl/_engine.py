@@ -12,7 +12,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -127,6 +127,98 @@ def _token_rows(a: Tensor, b: Tensor | None, tokens: Tensor, start: int, dtype: 
     return torch.stack(rows)
 
 
+class Merged(NamedTuple):
+    """Global per-token results after the gather, each ``[rows]`` in the compute dtype (``None`` where absent)."""
+
+    lse_a: Tensor
+    ent: Tensor
+    lse_b: Tensor | None
+    kl: Tensor | None
+    logp: Tensor | None
+    logq: Tensor | None
+
+
+def gather_and_merge(
+    stats: Tensor,
+    token_logits: Tensor | None,
+    info: _validation.CallInfo,
+    spec: EngineSpec,
+    *,
+    row0: Tensor | None,
+    tokens: Tensor | None,
+    mask: Tensor | None,
+    dtype: torch.dtype,
+) -> Merged:
+    """The one collective of a forward call, the checks every rank runs on it, and the merge of the ranks.
+
+    Args:
+        stats: ``[num_stats, rows]`` this rank's stats.
+        token_logits: ``[1 or 2, rows]`` scaled logits of the tokens this rank holds (``-inf`` elsewhere), or
+            ``None`` without tokens.
+        info: what this rank knows about the call, for the cross-rank checks.
+        spec: the call's layout, temperature and options.
+        row0: the first row of ``p``'s logits (for the probabilities look-alike check), or ``None``.
+        tokens: ``[rows]`` global token ids, or ``None``.
+        mask: the per-token mask (its values are checked here), or ``None``.
+        dtype: the compute dtype of the results.
+    """
+    num_stats, rows = stats.shape
+    options = spec.options
+    # float64 on the wire: exact for fp32 stats and for every id and size in the metadata
+    pieces = [stats.to(torch.float64).reshape(-1)]
+    if token_logits is not None:
+        pieces.append(token_logits.to(torch.float64).reshape(-1))
+    pieces.append(_validation.local_meta(info, stats, row0, tokens, mask))
+    # The one collective of the call: per-token stats, sampled-token logits and per-rank metadata.
+    gathered = all_gather_flat(
+        torch.cat(pieces), spec.layout.group, what="per-token statistics", timeout_s=options.resolved_timeout_s
+    )
+    world = gathered.shape[0]
+    meta = gathered[:, -_validation.NUM_META :].tolist()
+    # every rank checks the same gathered numbers, so all of them raise (or none does)
+    _validation.check_gathered(meta, validate=options.validate, shape=info.lead_shape)
+    # the merge runs in float64: it is O(tokens x ranks) and removes the rounding of the merge itself
+    merged = _stats.merge_stats(gathered[:, : num_stats * rows].reshape(world, num_stats, rows)).to(dtype)
+    lse_a, ent = merged[_stats.LA], merged[_stats.ENT]
+    two = num_stats == 4
+    lse_b, kl = (merged[_stats.LB], merged[_stats.KL]) if two else (None, None)
+    logp = logq = None
+    if token_logits is not None:
+        num_token_rows = token_logits.shape[0]
+        token_part = gathered[:, num_stats * rows : (num_stats + num_token_rows) * rows]
+        # exactly one rank holds each token; the others sent -inf
+        held = token_part.reshape(world, num_token_rows, rows).amax(dim=0).to(dtype)
+        logp = _log_prob(held[0], lse_a)
+        if lse_b is not None:
+            logq = _log_prob(held[1], lse_b)
+    return Merged(lse_a, ent, lse_b, kl, logp, logq)
+
+
+def call_info(
+    spec: EngineSpec, *, kept: int, rows: int, lead_shape: torch.Size, p_dtype: torch.dtype, q_dtype: torch.dtype | None
+) -> _validation.CallInfo:
+    """This rank's :class:`shardkl._validation.CallInfo` for a call."""
+    return _validation.CallInfo(
+        layout=spec.layout,
+        layout_given=spec.layout_given,
+        kept=kept,
+        rows=rows,
+        lead_shape=lead_shape,
+        p_dtype=p_dtype,
+        q_dtype=q_dtype,
+        temperature=spec.temperature,
+        nan_policy=spec.options.nan_policy,
+        options_code=_options_code(spec.options),
+    )
+
+
+def outputs(merged: Merged, rows: int, lead_shape: torch.Size, dtype: torch.dtype, device: torch.device) -> tuple:
+    """The four outputs ``(kl, entropy, logp, logq)`` shaped like the tokens; zeros where absent."""
+    zeros = torch.zeros(rows, dtype=dtype, device=device)
+    values = (merged.kl, merged.ent, merged.logp, merged.logq)
+    return tuple((zeros if v is None else v).reshape(lead_shape) for v in values)
+
+
 class ShardedStatsFunction(torch.autograd.Function):
     """Per-token ``(kl, entropy, logp, logq)`` of sharded logits; ``kl``/``logq`` are zeros without ``b``."""
 
@@ -141,67 +233,30 @@ class ShardedStatsFunction(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         dtype = compute_dtype(a, b)
         lead_shape = a.shape[:-1]
-        temperature, options, layout = spec.temperature, spec.options, spec.layout
-        impl = kernels.resolve(options.impl, a.device, a.numel())
+        temperature, layout = spec.temperature, spec.layout
+        impl = kernels.resolve(spec.options.impl, a.device, a.numel())
         stats = local_stats(a, b, temperature, dtype, impl, entropy=spec.entropy)
-        num_stats, rows = stats.shape
+        rows = stats.shape[1]
         flat_tokens = None if tokens is None else tokens.reshape(-1)
-        num_token_rows = 0 if flat_tokens is None else (1 if b is None else 2)
-        info = _validation.CallInfo(
-            layout=layout,
-            layout_given=spec.layout_given,
-            kept=a.shape[-1],
-            rows=rows,
-            lead_shape=lead_shape,
-            p_dtype=a.dtype,
+        token_logits = None
+        if flat_tokens is not None:
+            token_logits = _token_rows(a, b, flat_tokens, layout.start, dtype, temperature)
+        info = call_info(
+            spec, kept=a.shape[-1], rows=rows, lead_shape=lead_shape, p_dtype=a.dtype,
             q_dtype=None if b is None else b.dtype,
-            temperature=temperature,
-            nan_policy=options.nan_policy,
-            options_code=_options_code(options),
         )
-        # float64 on the wire: exact for fp32 stats and for every id and size in the metadata
-        pieces = [stats.to(torch.float64).reshape(-1)]
-        if flat_tokens is not None:
-            token_rows = _token_rows(a, b, flat_tokens, layout.start, dtype, temperature)
-            pieces.append(token_rows.to(torch.float64).reshape(-1))
-        pieces.append(_validation.local_meta(info, stats, a, flat_tokens, mask))
-        # The one collective of the call: per-token stats, sampled-token logits and per-rank metadata.
-        gathered = all_gather_flat(
-            torch.cat(pieces), layout.group, what="per-token statistics", timeout_s=options.resolved_timeout_s
+        row0 = a[(0,) * (a.dim() - 1)] if a.numel() else None
+        merged = gather_and_merge(
+            stats, token_logits, info, spec, row0=row0, tokens=flat_tokens, mask=mask, dtype=dtype
         )
-        world = gathered.shape[0]
-        meta = gathered[:, -_validation.NUM_META :].tolist()
-        # every rank checks the same gathered numbers, so all of them raise (or none does)
-        _validation.check_gathered(meta, validate=options.validate, shape=lead_shape)
-
-        # the merge runs in float64: it is O(tokens x ranks) and removes the rounding of the merge itself
-        merged = _stats.merge_stats(gathered[:, : num_stats * rows].reshape(world, num_stats, rows)).to(dtype)
-        lse_a, ent = merged[_stats.LA], merged[_stats.ENT]
-        lse_b = kl = logp = logq = None
-        if b is not None:
-            lse_b, kl = merged[_stats.LB], merged[_stats.KL]
-        if flat_tokens is not None:
-            token_part = gathered[:, num_stats * rows : (num_stats + num_token_rows) * rows]
-            # exactly one rank holds each token; the others sent -inf
-            token_logits = token_part.reshape(world, num_token_rows, rows).amax(dim=0).to(dtype)
-            logp = _log_prob(token_logits[0], lse_a)
-            if b is not None and lse_b is not None:
-                logq = _log_prob(token_logits[1], lse_b)
-
+        lse_a, ent, lse_b, kl = merged.lse_a, merged.ent, merged.lse_b, merged.kl
         ctx.save_for_backward(a, b, flat_tokens, lse_a, lse_b, kl, ent)
         ctx.temperature = temperature
         ctx.start = layout.start
         ctx.dtype = dtype
         ctx.kernels = impl
         ctx.set_materialize_grads(False)
-        zeros = torch.zeros(rows, dtype=dtype, device=a.device)
-        outputs = (
-            zeros if kl is None else kl,
-            ent,
-            zeros if logp is None else logp,
-            zeros if logq is None else logq,
-        )
-        return tuple(o.reshape(lead_shape) for o in outputs)  # type: ignore[return-value]
+        return outputs(merged, rows, lead_shape, dtype, a.device)  # type: ignore[return-value]
 
     @staticmethod
     def backward(  # type: ignore[override]

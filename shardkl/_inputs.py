@@ -3,7 +3,8 @@
 Resolving a call is local (no collective, no copy of the logits) and raises before any collective, so no rank is
 left waiting on one that raised:
 
-1. DTensor logits are unwrapped differentiably with ``to_local()``; the layout and group come from the mesh.
+1. DTensor logits (or a :class:`shardkl.LinearLogits` with a DTensor weight) are unwrapped differentiably with
+   ``to_local()``; the layout and group come from the mesh.
 2. Otherwise the layout is the one the caller passed, or Megatron's equal split over ``group`` (an assumption the
    engine checks in its one all-gather whenever offsets matter), or the whole vocabulary for ``group=None``.
 3. ``valid_vocab_size`` drops the padded tail by slicing the last dimension (a view): the engine never sees those
@@ -19,9 +20,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from shardkl._dtensor import is_dtensor, to_local_like, unwrap_logits
+from shardkl._dtensor import is_dtensor, to_local_like, unwrap_linear, unwrap_logits
 from shardkl.distributed import ProcessGroup, rank_and_size
 from shardkl.layout import VocabLayout
+from shardkl.linear import LinearLogits, check_linear, trimmed
 from shardkl.options import Options, check_options
 
 
@@ -29,7 +31,8 @@ class Call(NamedTuple):
     """A call in the engine's terms.
 
     Attributes:
-        p, q: local logits of this rank's real (non-padding) columns; ``q`` is ``None`` for one input.
+        p, q: local logits (tensors or :class:`shardkl.LinearLogits`) of this rank's real (non-padding) columns;
+            ``q`` is ``None`` for one input.
         tokens: int64 global token ids on ``p``'s device, or ``None``.
         mask: the per-token mask (any dtype, shape checked), or ``None``.
         layout: this rank's slice, padding included, with the valid size.
@@ -39,8 +42,8 @@ class Call(NamedTuple):
         options: how the call runs.
     """
 
-    p: Tensor
-    q: Tensor | None
+    p: Tensor | LinearLogits
+    q: Tensor | LinearLogits | None
     tokens: Tensor | None
     mask: Tensor | None
     layout: VocabLayout
@@ -119,6 +122,31 @@ def _resolve_layout(
     return layout.with_valid_vocab_size(valid_vocab_size), True
 
 
+Source = Tensor | LinearLogits
+
+
+def _is_dtensor_side(x: object) -> bool:
+    return is_dtensor(x) or (isinstance(x, LinearLogits) and is_dtensor(x.weight))
+
+
+def _check_side(name: str, x: object) -> Source:
+    if isinstance(x, LinearLogits):
+        check_linear(name, x)
+        return x
+    return _check_logits(name, x)
+
+
+def _device(x: Source) -> torch.device:
+    return x.hidden.device if isinstance(x, LinearLogits) else x.device
+
+
+def _trim(x: Source, keep: int) -> Source:
+    if isinstance(x, LinearLogits):
+        return trimmed(x, keep)
+    # a view, not a copy: the padded columns are never read and their gradient is zero
+    return x if keep == x.shape[-1] else x[..., :keep]
+
+
 def resolve(
     p_logits: Any,
     q_logits: Any = None,
@@ -132,55 +160,73 @@ def resolve(
     options: Options | None,
     two_inputs: bool,
     p_name: str = "p_logits",
+    q_name: str = "q_logits",
 ) -> Call:
     """Unwrap, lay out, trim and check one public call's arguments (see the module docstring).
 
     Args:
-        p_logits, q_logits: logits (local shards or DTensors); ``q_logits`` is ignored unless ``two_inputs``.
+        p_logits, q_logits: logits (local shards, DTensors, or :class:`shardkl.LinearLogits`); ``q_logits`` is
+            ignored unless ``two_inputs``.
         tokens, mask: per-token tensors or ``None``; as DTensors they must be replicated over the vocabulary mesh
             dimension.
         group, layout, valid_vocab_size, temperature, options: as the public functions take them.
         two_inputs: whether the function takes ``q_logits``.
-        p_name: the public name of the first argument, for messages.
+        p_name, q_name: the public names of the two arguments, for messages.
 
     Returns:
         :class:`Call`.
     """
     options = check_options(options)
     temperature = _check_temperature(temperature)
-    if is_dtensor(p_logits):
-        if layout is not None:
-            raise ValueError("layout must be None for DTensor logits: it comes from their mesh and placements")
-        shards = unwrap_logits(p_logits, q_logits if two_inputs else None, group)
-        p_logits, q_logits = shards.p_local, shards.q_local
-        tokens = to_local_like("tokens", tokens, shards.mesh_dim)
-        mask = to_local_like("mask", mask, shards.mesh_dim)
-        resolved, given = shards.layout.with_valid_vocab_size(valid_vocab_size), True
-    elif two_inputs and is_dtensor(q_logits):
-        raise TypeError(f"q_logits is a DTensor, so {p_name} must be one too (same mesh and placements)")
-    else:
-        _check_logits(p_name, p_logits)
-        resolved, given = _resolve_layout(p_logits.shape[-1], group, layout, valid_vocab_size)
-    p = _check_logits(p_name, p_logits)
-    q = None
-    if two_inputs:
-        if q_logits is None:
-            raise TypeError("q_logits must be a torch.Tensor, got None")
-        q = _check_logits("q_logits", q_logits)
-        if q.shape != p.shape:
-            raise ValueError(
-                f"{p_name} and q_logits must have the same shape, got {tuple(p.shape)} and {tuple(q.shape)}"
+    sides = [(p_name, p_logits)] + ([(q_name, q_logits)] if two_inputs else [])
+    if two_inputs and q_logits is None:
+        raise TypeError(f"{q_name} must be a torch.Tensor or shardkl.LinearLogits, got None")
+    distributed_sides = [_is_dtensor_side(x) for _, x in sides]
+    if any(distributed_sides):
+        if not all(distributed_sides):
+            plain = sides[distributed_sides.index(False)][0]
+            raise TypeError(
+                f"{sides[distributed_sides.index(True)][0]} is a DTensor (or has a DTensor weight), so {plain} must "
+                "be one too, on the same mesh"
             )
-        if q.device != p.device:
-            raise ValueError(f"{p_name} and q_logits must be on one device, got {p.device} and {q.device}")
+        if layout is not None:
+            raise ValueError("layout must be None for DTensor inputs: it comes from their mesh and placements")
+        unwrapped = [
+            unwrap_linear(name, x, group) if isinstance(x, LinearLogits) else unwrap_logits(name, x, group)
+            for name, x in sides
+        ]
+        first = unwrapped[0]
+        for (name, _), other in zip(sides[1:], unwrapped[1:], strict=True):
+            if other.mesh != first.mesh or other.mesh_dim != first.mesh_dim or other.layout != first.layout:
+                raise ValueError(
+                    f"{p_name} and {name} must be sharded over the same mesh dimension with the same vocabulary, got "
+                    f"{first.mesh} dim {first.mesh_dim} {first.layout} and {other.mesh} dim {other.mesh_dim} "
+                    f"{other.layout}"
+                )
+        locals_ = [side.local for side in unwrapped]
+        tokens = to_local_like("tokens", tokens, first.mesh_dim)
+        mask = to_local_like("mask", mask, first.mesh_dim)
+        resolved, given = first.layout.with_valid_vocab_size(valid_vocab_size), True
+        checked = [_check_side(name, x) for (name, _), x in zip(sides, locals_, strict=True)]
+    else:
+        checked = [_check_side(name, x) for name, x in sides]
+        resolved, given = _resolve_layout(checked[0].shape[-1], group, layout, valid_vocab_size)
+    p = checked[0]
+    q = checked[1] if two_inputs else None
+    if q is not None:
+        if q.shape != p.shape:
+            what = " (of their logits: hidden rows and weight rows)" if LinearLogits in map(type, checked) else ""
+            raise ValueError(
+                f"{p_name} and {q_name} must have the same shape{what}, got {tuple(p.shape)} and {tuple(q.shape)}"
+            )
+        if _device(q) != _device(p):
+            raise ValueError(f"{p_name} and {q_name} must be on one device, got {_device(p)} and {_device(q)}")
     lead = p.shape[:-1]
-    t = None if tokens is None else _check_tokens(tokens, lead, p.device)
+    t = None if tokens is None else _check_tokens(tokens, lead, _device(p))
     mask = check_mask_shape(mask, lead)
     keep = resolved.kept_size
-    if keep < p.shape[-1]:
-        # a view, not a copy: the padded columns are never read and their gradient is zero
-        p = p[..., :keep]
-        q = None if q is None else q[..., :keep]
+    p = _trim(p, keep)
+    q = None if q is None else _trim(q, keep)
     return Call(p, q, t, mask, resolved, given, temperature, options)
 
 

@@ -75,7 +75,9 @@ class CallInfo:
     options_code: int
 
 
-def local_meta(info: CallInfo, stats: Tensor, p: Tensor, tokens: Tensor | None, mask: Tensor | None) -> Tensor:
+def local_meta(
+    info: CallInfo, stats: Tensor, row0: Tensor | None, tokens: Tensor | None, mask: Tensor | None
+) -> Tensor:
     """The metadata vector of this rank, ``[NUM_META]`` float64 on the stats' device.
 
     Non-finite inputs show up in the per-token stats for free: a NaN anywhere in a row makes its log-sum-exp NaN,
@@ -106,11 +108,12 @@ def local_meta(info: CallInfo, stats: Tensor, p: Tensor, tokens: Tensor | None, 
     if mask is not None and mask.numel() and mask.dtype != torch.bool:
         values[MASK_BAD] = ((mask != 0) & (mask != 1)).sum()
     # the first row's sum, min and max over the real columns: probabilities passed as logits sum to 1 in [0, 1]
-    if p.numel() and p.shape[-1]:
-        row0 = p[(0,) * (p.dim() - 1)].double()
-        values[ROW0_SUM], values[ROW0_MIN], values[ROW0_MAX] = row0.sum(), row0.min(), row0.max()
+    if row0 is not None and row0.numel():
+        first = row0.double()
+        values[ROW0_SUM], values[ROW0_MIN], values[ROW0_MAX] = first.sum(), first.min(), first.max()
     else:
-        values[ROW0_MIN], values[ROW0_MAX] = 0.0, 0.0
+        # no row to look at (or logits that come from hidden states): never looks like probabilities
+        values[ROW0_MIN], values[ROW0_MAX] = -1.0, 2.0
     layout = info.layout
     values[KEPT] = float(info.kept)
     values[START] = float(layout.start)
@@ -243,8 +246,9 @@ def _warn_if_probabilities(meta: list[list[float]], valid: int) -> None:
     if _warned_probabilities or valid < 3:
         return
     total = sum(row[ROW0_SUM] for row in meta)
-    low = min(row[ROW0_MIN] for row in meta if row[KEPT] > 0) if any(row[KEPT] > 0 for row in meta) else -1.0
-    high = max(row[ROW0_MAX] for row in meta if row[KEPT] > 0) if any(row[KEPT] > 0 for row in meta) else 2.0
+    holding = [row for row in meta if row[KEPT] > 0]
+    low = min((row[ROW0_MIN] for row in holding), default=-1.0)
+    high = max((row[ROW0_MAX] for row in holding), default=2.0)
     if low >= 0.0 and high <= 1.0 and abs(total - 1.0) < 1e-2:
         _warned_probabilities = True
         warnings.warn(

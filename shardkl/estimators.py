@@ -43,6 +43,9 @@ def from_log_ratio(log_ratio: Tensor, estimator: SampledEstimator) -> Tensor:
 
 
 def _log_ratio(p_logprobs: Tensor, q_logprobs: Tensor) -> Tensor:
+    for name, value in (("p_logprobs", p_logprobs), ("q_logprobs", q_logprobs)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of per-token log-probabilities, got {type(value).__name__}")
     if p_logprobs.shape != q_logprobs.shape:
         raise ValueError(
             "p_logprobs and q_logprobs must have the same shape, got "

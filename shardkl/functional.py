@@ -2,7 +2,9 @@
 
 Every function takes this rank's contiguous slice of the vocabulary in the last dimension and says which slice
 with ``group=`` (Megatron's equal split over that process group), ``layout=`` (any split, see
-:class:`shardkl.VocabLayout`), or a DTensor; with none of them the tensors hold the whole vocabulary. Each call
+:class:`shardkl.VocabLayout`), or a DTensor; with none of them the tensors hold the whole vocabulary. Wherever
+logits are taken, a :class:`shardkl.LinearLogits` (hidden states and this rank's output-layer rows) may stand
+instead: the logits are then never materialised. Each call
 runs one path: :func:`shardkl._inputs.resolve` checks and lays out the arguments, the engine issues one collective
 (none in backward), and the result is reduced over the tokens where the function takes a ``reduction``.
 """
@@ -15,10 +17,12 @@ from torch import Tensor
 
 from shardkl import estimators
 from shardkl._engine import EngineSpec, ShardedStatsFunction
+from shardkl._fused import FusedStatsFunction
 from shardkl._inputs import Call, resolve
 from shardkl.distributed import ProcessGroup
 from shardkl.estimators import SampledEstimator, check_estimator
 from shardkl.layout import VocabLayout
+from shardkl.linear import LinearLogits
 from shardkl.options import Options
 from shardkl.reduction import Reduction, check_reduction, reduce_checked
 
@@ -43,10 +47,20 @@ class KLStats(NamedTuple):
     k3: Tensor | None
 
 
+def _side(x: Tensor | LinearLogits | None) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """``(logits, hidden, weight, bias)`` of one side for the fused engine."""
+    if isinstance(x, LinearLogits):
+        return None, x.hidden, x.weight, x.bias
+    return x, None, None, None
+
+
 def run_engine(call: Call, *, entropy: bool = True) -> KLStats:
     """The engine on a resolved call: one collective, all per-token results (``q`` may be ``None``)."""
     spec = EngineSpec(call.layout, call.layout_given, call.temperature, call.options, entropy)
-    kl, ent, logp, logq = ShardedStatsFunction.apply(call.p, call.q, call.tokens, call.mask, spec)
+    if isinstance(call.p, LinearLogits) or isinstance(call.q, LinearLogits):
+        kl, ent, logp, logq = FusedStatsFunction.apply(*_side(call.p), *_side(call.q), call.tokens, call.mask, spec)
+    else:
+        kl, ent, logp, logq = ShardedStatsFunction.apply(call.p, call.q, call.tokens, call.mask, spec)
     if call.tokens is None:
         return KLStats(kl, ent, None, None, None, None, None)
     if call.q is None:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from shardkl.distributed import ProcessGroup, all_reduce_sum, rank_and_size
 from shardkl.layout import VocabLayout
+from shardkl.linear import LinearLogits
 
 
 def padded_vocab_size(vocab_size: int, world_size: int, multiple: int = 8) -> int:
@@ -38,6 +39,16 @@ class CopyToTensorParallelRegion(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         # each rank's slice of the head contributes part of dloss/dh
         return all_reduce_sum(grad, ctx.group), None
+
+
+def copy_to_tensor_parallel_region(x: Tensor, group: ProcessGroup | None) -> Tensor:
+    """``x`` itself in forward; in backward, its gradient summed over ``group``.
+
+    Put it where hidden states replicated over the vocabulary group enter this rank's slice of the output layer,
+    e.g. before :class:`shardkl.LinearLogits`: each rank's gradient of ``hidden`` is a partial sum over its vocabulary
+    rows, and this sum makes it the full gradient on every rank.
+    """
+    return CopyToTensorParallelRegion.apply(x, group)
 
 
 class ColumnParallelLMHead(nn.Module):
@@ -76,8 +87,13 @@ class ColumnParallelLMHead(nn.Module):
         return cls(weight, valid_vocab_size=vocab, group=group)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        hidden = CopyToTensorParallelRegion.apply(hidden, self.group)
-        return nn.functional.linear(hidden, self.weight)
+        """This rank's logits ``[..., V_local]`` (padding columns included)."""
+        return nn.functional.linear(copy_to_tensor_parallel_region(hidden, self.group), self.weight)
+
+    def linear_logits(self, hidden: Tensor) -> LinearLogits:
+        """This rank's logits as a :class:`shardkl.LinearLogits`, for shardkl to reduce without materialising them;
+        pass ``layout=self.layout`` with it. ``hidden``'s gradient is summed over the group, as in :meth:`forward`."""
+        return LinearLogits(copy_to_tensor_parallel_region(hidden, self.group), self.weight)
 
 
-__all__ = ["ColumnParallelLMHead", "CopyToTensorParallelRegion", "padded_vocab_size"]
+__all__ = ["ColumnParallelLMHead", "CopyToTensorParallelRegion", "copy_to_tensor_parallel_region", "padded_vocab_size"]

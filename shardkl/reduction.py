@@ -50,6 +50,8 @@ def reduce_tokens(values: Tensor, mask: Tensor | None = None, *, reduction: Redu
     Returns:
         ``values``' shape for ``"none"``, else a scalar.
     """
+    if not isinstance(values, Tensor):
+        raise TypeError(f"values must be a torch.Tensor of per-token values, got {type(values).__name__}")
     check_reduction(reduction)
     check_mask(mask, values.shape)
     return reduce_checked(values, mask, reduction)

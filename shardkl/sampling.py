@@ -21,6 +21,7 @@ from torch import Tensor
 
 from shardkl.distributed import ProcessGroup, argmax_over_ranks
 from shardkl.layout import VocabLayout
+from shardkl.linear import LinearLogits, check_linear, logits_tile
 
 BLOCK = 1024
 
@@ -79,7 +80,7 @@ def sharded_random(
 
 @torch.no_grad()
 def sample_tokens(
-    logits: Tensor,
+    logits: Tensor | LinearLogits,
     *,
     seed: int,
     group: ProcessGroup | None = None,
@@ -92,7 +93,8 @@ def sample_tokens(
     """Draw global token ids from ``softmax(logits / T)`` over the sharded vocabulary (Gumbel-max).
 
     Args:
-        logits: this rank's slice of the logits, ``[..., V_local]``.
+        logits: this rank's slice of the logits, ``[..., V_local]``, or a :class:`shardkl.LinearLogits` (its logits
+            are then computed one block of columns at a time, never all at once).
         seed: seed of the noise; the same seed gives the same tokens for any world size.
         group: process group the vocabulary is split over (Megatron's equal split), or ``None``.
         layout: this rank's slice, for other splits (see :class:`shardkl.VocabLayout`); replaces ``group``.
@@ -105,8 +107,10 @@ def sample_tokens(
         int64 global ids, identical on every rank of the group. One collective (an all-gather of two floats per
         draw and row, plus each rank's slice bounds, checked to tile the vocabulary).
     """
-    if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 1:
-        raise TypeError("logits must be a floating-point tensor with a vocabulary dimension")
+    if isinstance(logits, LinearLogits):
+        check_linear("logits", logits)
+    elif not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 1:
+        raise TypeError("logits must be a floating-point tensor with a vocabulary dimension, or a LinearLogits")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     draws = 1 if num_samples is None else num_samples
@@ -123,22 +127,41 @@ def sample_tokens(
             f"the layout says this rank holds [{layout.start}, {layout.stop}) ({layout.local_size} ids), but logits "
             f"have {local} columns"
         )
-    rows = logits.numel() // max(local, 1) if local else int(torch.tensor(logits.shape[:-1]).prod())
-    flat = logits.reshape(rows, local)
+    lead = logits.shape[:-1]
+    rows = int(torch.Size(lead).numel())
     kept = layout.kept_size
+    if isinstance(logits, LinearLogits):
+        hidden = logits.hidden.reshape(rows, -1)
+        device = hidden.device
+
+        def columns(lo: int, hi: int) -> Tensor:
+            bias = None if logits.bias is None else logits.bias[lo:hi]
+            return logits_tile(hidden, logits.weight[lo:hi], bias, torch.float64)
+    else:
+        flat = logits.reshape(rows, local)
+        device = logits.device
+
+        def columns(lo: int, hi: int) -> Tensor:
+            return flat[:, lo:hi].double()
+
     best = torch.full((draws, rows), float("-inf"), dtype=torch.float64)
     best_id = torch.full((draws, rows), -1.0, dtype=torch.float64)
-    for s in range(draws):
-        name = stream if num_samples is None else f"{stream}/{s}"
-        uniform = sharded_random(rows, layout.start, layout.start + kept, seed=seed, stream=name)
-        # Gumbel(0, 1) noise; uniform = 0 gives -inf, which never wins
-        scores = flat[:, :kept].double().cpu() / temperature - torch.log(-torch.log(uniform.double()))
-        if kept:
-            value, index = scores.max(dim=-1)
-            best[s], best_id[s] = value, (index + layout.start).double()
+    # one block of noise columns at a time: the same blocks the noise is drawn in
+    for block_lo in range(layout.start, layout.start + kept, BLOCK):
+        block_hi = min(block_lo + BLOCK, layout.start + kept)
+        scaled = columns(block_lo - layout.start, block_hi - layout.start).cpu() / temperature
+        for s in range(draws):
+            name = stream if num_samples is None else f"{stream}/{s}"
+            uniform = sharded_random(rows, block_lo, block_hi, seed=seed, stream=name)
+            # Gumbel(0, 1) noise; uniform = 0 gives -inf, which never wins
+            value, index = (scaled - torch.log(-torch.log(uniform.double()))).max(dim=-1)
+            # strict: the lowest id wins a tie, as in one full-vocabulary argmax
+            better = value > best[s]
+            best[s] = torch.where(better, value, best[s])
+            best_id[s] = torch.where(better, (index + block_lo).double(), best_id[s])
     ids = argmax_over_ranks(best, best_id, layout.group, bounds=(layout.start, layout.stop))
-    shape = tuple(logits.shape[:-1]) if num_samples is None else (draws, *logits.shape[:-1])
-    return ids.reshape(shape).to(logits.device)
+    shape = tuple(lead) if num_samples is None else (draws, *lead)
+    return ids.reshape(shape).to(device)
 
 
 __all__ = ["BLOCK", "sample_tokens", "sharded_random"]
