@@ -6,57 +6,50 @@ vocabulary), each with its ``lm_head`` split column-wise over the ranks. Every s
 and its per-token divergence from the frozen teacher (``--divergence forward_kl | reverse_kl | jsd``, ``--beta``;
 ``--top-k K`` for a teacher known only by its top-K log-probs) comes from ``shardkl.distillation_loss`` on hidden
 states; then backward and an SGD step. Configuration: defaults < ``--config file.toml`` < command line. Rank 0
-prints the first step's per-token divergences next to a float64 reference, one line per step, and writes
-``--json``. ``--verify`` re-runs the same steps on each process alone and reports the largest differences.
+prints the first step's per-token divergences next to a float64 reference and one line per step to stdout, progress
+to stderr, and writes JSON (default ``results/distill_tp.json``). ``--verify`` re-runs the same steps on each
+process alone and reports the largest differences.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import platform
 import sys
-import time
 from dataclasses import dataclass
-from datetime import timedelta
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    from shardkl.apps.distill import StepResult
 
-from shardkl.apps.config import ConfigError, load_config
-from shardkl.apps.config import parse_args as config_args
-from shardkl.apps.distill import DistillConfig, StepResult, parity_report, train
+PROG = "distill_tp.py"
+DESCRIPTION = (
+    "On-policy distillation of a tiny teacher Llama into a smaller student (built from configs, no download), each "
+    "with its lm_head split column-wise over the ranks; the per-token divergence comes from shardkl on hidden "
+    "states. Run it with torchrun, or with python (one process)."
+)
+EPILOG = (
+    "Keys are the same in a --config TOML file and on the command line (--top_k or --top-k); the command line wins "
+    "over the file, the file over the defaults. A boolean key may stand alone (--verify)."
+)
 
 
 @dataclass(frozen=True)
-class LaunchArgs:
-    """Flags of this launcher that are not DistillConfig fields."""
+class LaunchOptions:
+    """launcher"""
 
-    json: Path | None
-    verify: bool
+    verify: bool = False
+    """re-run the same steps on each process alone (full vocabulary) and report the largest differences"""
+    output: str = "results/distill_tp.json"
+    """JSON result written by rank 0 (its folder is created); empty for none"""
+    threads: int = 0
+    """torch CPU threads per rank; 0: the CPUs this process may use divided by the ranks on this machine"""
+    timeout_s: float = 120.0
+    """seconds a collective may wait for the other ranks"""
 
-
-def parse_args(argv: list[str]) -> tuple[DistillConfig, LaunchArgs]:
-    """DistillConfig from defaults < ``--config FILE.toml`` < ``--key value``, plus ``--json`` and ``--verify``.
-    Raises :class:`shardkl.apps.config.ConfigError` with one line for any problem."""
-    verify = "--verify" in argv
-    path, overrides, extra = config_args(DistillConfig, [a for a in argv if a != "--verify"])
-    json_path = extra.pop("json", None)
-    if extra:
-        raise ConfigError(f"unknown option --{next(iter(extra)).replace('_', '-')}")
-    config = load_config(DistillConfig, path, overrides)
-    return config, LaunchArgs(json=None if json_path is None else Path(json_path), verify=verify)
-
-
-def init_distributed() -> Any:
-    """The process group from torchrun's environment (gloo: the models run on the CPU); ``None`` without it."""
-    if "RANK" not in os.environ:
-        return None
-    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
-    return dist.group.WORLD
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
 
 
 def print_tokens(result: StepResult) -> None:
@@ -72,51 +65,76 @@ def print_tokens(result: StepResult) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shardkl.apps.cli import ConfigError, parse_config
+    from shardkl.apps.distill import DistillConfig
+
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        print("options: --config FILE.toml, --json PATH, --verify, and --<key> <value> for every key of:")
-        for f in dataclasses.fields(DistillConfig):
-            print(f"  --{f.name.replace('_', '-')} (default {f.default!r})")
-        return 0
     try:
-        config, args = parse_args(argv)
+        config, options = parse_config([DistillConfig, LaunchOptions], argv, prog=PROG, description=DESCRIPTION,
+                                       epilog=EPILOG)
     except ConfigError as exc:
-        print(f"distill_tp.py: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    group = init_distributed()
-    rank = dist.get_rank() if group is not None else 0
-    world = dist.get_world_size() if group is not None else 1
+
+    import dataclasses
+    import importlib.util
+    import platform
+    import time
+
+    if importlib.util.find_spec("transformers") is None:
+        print(f"{PROG}: error: the models need transformers: pip install transformers", file=sys.stderr)
+        return 1
+
+    import torch
+    import torch.distributed as dist
+
+    from shardkl import set_collective_timeout
+    from shardkl.apps import runtime
+    from shardkl.apps.distill import parity_report, train
+    from shardkl.apps.progress import StageLog
+
+    # gloo: the models run on the CPU
+    run = runtime.start("gloo", timeout_s=options.timeout_s, threads=options.threads)
+    set_collective_timeout(options.timeout_s)
+    log = StageLog(interval_s=10.0) if run.rank == 0 else None
+    say = log.stage if log is not None else (lambda stage, message: None)
     start = time.perf_counter()
-    results, student = train(config, group)
+    say("training", f"training: {config.steps} distillation step(s) over {run.world_size} rank(s)")
+    results, student = train(config, run.group)
     seconds = time.perf_counter() - start
     verify = None
-    if args.verify:
+    if options.verify:
+        say("verifying", "verifying: the same steps on each process alone")
         report = parity_report(config, results, student)
         values = torch.tensor(list(report.values()), dtype=torch.float64)
-        if group is not None:
+        if run.group is not None:
             # the worst rank's differences
             dist.all_reduce(values, op=dist.ReduceOp.MAX)
         verify = dict(zip(report, values.tolist(), strict=True))
-    if rank == 0:
+    if log is not None:
+        log.end_stage(f"done in {time.perf_counter() - start:.2f} s (training {seconds:.2f} s)")
+        log.close()
+    runtime.finish(run)
+    if run.rank == 0:
         what = config.divergence + (f" beta={config.beta}" if config.divergence == "jsd" else "")
         what += f" top-{config.top_k} teacher" if config.top_k else " full teacher"
         if results:
-            print(f"step 0: per-token {what} of the student's responses (TP={world}) and a float64 reference")
+            print(f"step 0: per-token {what} of the student's responses (TP={run.world_size}) and a float64 reference")
             print_tokens(results[0])
         for r in results:
             s = r.summary()
             print(f"step {r.step}: loss {s['loss']:.6g} -> {s['loss_after']:.6g} after the step, "
                   f"max rel diff vs float64 {s['max_rel_diff_float64']:.1e}")
-        print(f"world_size={world} vocab={config.vocab_size} hidden teacher/student="
+        print(f"world_size={run.world_size} vocab={config.vocab_size} hidden teacher/student="
               f"{config.teacher_hidden_size}/{config.student_hidden_size} time={seconds:.2f}s")
         if verify is not None:
             print("verify (vs one process): " + ", ".join(f"{k}={v:.3g}" for k, v in verify.items()))
-        if args.json is not None:
+        sys.stdout.flush()
+        if options.output:
             payload = {
                 "config": dataclasses.asdict(config),
-                "world_size": world,
+                "world_size": run.world_size,
+                "threads": run.threads,
                 "seconds": seconds,
                 "steps": [r.summary() for r in results],
                 "first_step": dataclasses.asdict(results[0]) if results else None,
@@ -125,11 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 "python": sys.version.split()[0],
                 "machine": platform.machine(),
             }
-            args.json.write_text(json.dumps(payload, indent=2))
-    if group is not None:
-        # leave together: a rank that tears gloo down while its peer still prints can abort at exit
-        dist.barrier()
-        dist.destroy_process_group()
+            print(f"[shardkl] wrote {runtime.write_json(options.output, payload)}", file=sys.stderr)
     return 0
 
 

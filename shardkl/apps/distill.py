@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shardkl.apps.config import ConfigError
-from shardkl.distill import Divergence, TopKTeacher, distillation_loss
+from shardkl.distill import DIVERGENCES, Divergence, TopKTeacher, distillation_loss
 from shardkl.distributed import ProcessGroup, all_gather_flat
 from shardkl.parallel import ColumnParallelLMHead
 from shardkl.reduction import reduce_tokens
@@ -32,68 +31,73 @@ from shardkl.sampling import sample_tokens
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """One on-policy distillation run on two tiny Llamas built from configs (no download).
-
-    Attributes:
-        vocab_size: the shared vocabulary (padded to a multiple of ``pad_multiple * world`` for the split).
-        teacher_hidden_size, student_hidden_size: hidden sizes (they may differ; the vocabulary may not).
-        teacher_layers, student_layers, heads: model shapes.
-        init_std: initialisation scale; the teacher gets ``teacher_scale`` times larger output weights, so that
-            it is sharper than the student.
-        prompts, samples_per_prompt, prompt_len, response_len: the batch of on-policy rollouts.
-        steps, lr: SGD steps on the student.
-        divergence: ``"forward_kl"`` (KL(teacher‖student)), ``"reverse_kl"`` or ``"jsd"``.
-        beta: the JSD's mixture weight of the teacher (``divergence="jsd"`` only).
-        top_k: 0: the teacher's full logits; K > 0: its top-K log-probs only (forward or reverse KL over K + 1
-            buckets).
-        temperature: sampling and divergence temperature of the student (and of a full teacher).
-        pad_multiple: Megatron's vocabulary padding multiple.
-        seed: seed of the models, prompts and samples (the same for every world size).
-    """
+    """distillation run (two tiny Llamas built from configs, no download)"""
 
     vocab_size: int = 512
+    """the shared vocabulary (padded to a multiple of pad_multiple x ranks for the split)"""
     teacher_hidden_size: int = 48
+    """hidden size of the teacher (it may differ from the student's; the vocabulary may not)"""
     student_hidden_size: int = 32
+    """hidden size of the student"""
     teacher_layers: int = 2
+    """transformer layers of the teacher"""
     student_layers: int = 1
+    """transformer layers of the student"""
     heads: int = 4
+    """attention heads of both models"""
     init_std: float = 0.1
+    """standard deviation of the initial weights"""
     teacher_scale: float = 4.0
+    """the teacher's output weights are this many times larger, so that it is sharper than the student"""
     prompts: int = 2
+    """random prompts per step"""
     samples_per_prompt: int = 2
+    """responses the student samples per prompt"""
     prompt_len: int = 4
+    """tokens per prompt"""
     response_len: int = 8
+    """tokens per response"""
     steps: int = 2
+    """SGD steps on the student"""
     lr: float = 0.5
+    """SGD learning rate"""
     divergence: Divergence = "jsd"
+    """forward_kl (KL(teacher||student)), reverse_kl or jsd"""
     beta: float = 0.5
+    """the JSD's mixture weight of the teacher (divergence jsd only)"""
     top_k: int = 0
+    """0: the teacher's full logits; K > 0: its top-K log-probs only (forward or reverse KL over K + 1 buckets)"""
     temperature: float = 1.0
+    """sampling and divergence temperature of the student (and of a full teacher)"""
     pad_multiple: int = 8
+    """Megatron's vocabulary padding multiple"""
     seed: int = 0
+    """seed of the models, prompts and samples (the same for every world size)"""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "teacher_hidden_size", "student_hidden_size", "teacher_layers", "student_layers",
                      "heads", "prompts", "samples_per_prompt", "prompt_len", "response_len", "pad_multiple"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("teacher_hidden_size", "student_hidden_size"):
             if getattr(self, name) % self.heads:
-                raise ConfigError(f"{name} must be a multiple of heads={self.heads}, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be a multiple of heads={self.heads}, got {getattr(self, name)}")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
         if self.steps < 0:
-            raise ConfigError(f"steps must be >= 0, got {self.steps}")
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
         if not 0.0 <= self.beta <= 1.0:
-            raise ConfigError(f"beta must be in [0, 1], got {self.beta}")
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
         if not 0 <= self.top_k <= self.vocab_size:
-            raise ConfigError(f"top_k must be in [0, vocab_size={self.vocab_size}], got {self.top_k}")
+            raise ValueError(f"top_k must be in [0, vocab_size={self.vocab_size}], got {self.top_k}")
         if self.top_k and self.divergence == "jsd":
-            raise ConfigError(
+            raise ValueError(
                 "divergence='jsd' needs the teacher's full logits: use top_k = 0, or forward_kl or reverse_kl"
             )
         if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not (self.lr >= 0 and self.init_std > 0 and self.teacher_scale > 0):
-            raise ConfigError("lr must be >= 0, init_std and teacher_scale > 0")
+            raise ValueError("lr must be >= 0, init_std and teacher_scale > 0")
 
 
 def build_causal_lm(config: DistillConfig, *, teacher: bool) -> nn.Module:

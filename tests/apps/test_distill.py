@@ -7,28 +7,34 @@ import pytest
 import torch
 
 import shardkl
-from shardkl.apps.config import ConfigError, load_config
+from shardkl.apps.cli import ConfigError, parse_config
 from shardkl.apps.distill import DistillConfig, build_models, float64_reference, rollout, teacher_topk
 
 
+def _load(*argv: str) -> DistillConfig:
+    (config,) = parse_config([DistillConfig], ["--config", "configs/distill.toml", *argv], prog="x", description="")
+    return config
+
+
 @pytest.mark.parametrize(
-    ("overrides", "message"),
+    ("argv", "message"),
     [
-        ({"divergence": "jsd", "top_k": "4"}, "divergence='jsd' needs the teacher's full logits"),
-        ({"divergence": "kl"}, "divergence must be one of forward_kl, reverse_kl, jsd"),
-        ({"beta": "1.5"}, r"beta must be in \[0, 1\], got 1.5"),
-        ({"student_hidden_size": "30"}, "student_hidden_size must be a multiple of heads=4"),
-        ({"top_k": "600"}, r"top_k must be in \[0, vocab_size=512\]"),
-        ({"response_len": "0"}, "response_len must be >= 1"),
+        (["--divergence", "jsd", "--top-k", "4"], "divergence='jsd' needs the teacher's full logits"),
+        (["--divergence", "kl"], "divergence must be one of forward_kl, reverse_kl, jsd"),
+        (["--beta", "1.5"], r"beta must be in \[0, 1\], got 1.5"),
+        (["--student-hidden-size", "30"], "student_hidden_size must be a multiple of heads=4"),
+        (["--top_k", "600"], r"top_k must be in \[0, vocab_size=512\]"),
+        (["--response-len", "0"], "response_len must be >= 1"),
     ],
 )
-def test_bad_configuration_is_one_clear_error(overrides: dict[str, str], message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        load_config(DistillConfig, "configs/distill.toml", overrides)
+def test_bad_configuration_is_one_clear_error(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        _load(*argv)
+    assert "\n" not in str(info.value)
 
 
 def test_config_file_loads_with_different_hidden_sizes() -> None:
-    config = load_config(DistillConfig, "configs/distill.toml", {})
+    config = _load()
     assert config.teacher_hidden_size != config.student_hidden_size and config.divergence == "jsd"
 
 

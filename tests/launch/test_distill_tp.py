@@ -45,7 +45,7 @@ def _check(result: dict, proc: subprocess.CompletedProcess[str]) -> None:
 @pytest.mark.slow
 def test_jsd_from_hidden_states_at_tp2(tmp_path: Path) -> None:
     path = tmp_path / "jsd.json"
-    proc = _run(["--config", "configs/distill.toml", "--verify", "--json", str(path)], 2)
+    proc = _run(["--config", "configs/distill.toml", "--verify", "--output", str(path)], 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "per-token jsd beta=0.5 full teacher" in proc.stdout
     result = json.loads(path.read_text())
@@ -57,7 +57,7 @@ def test_jsd_from_hidden_states_at_tp2(tmp_path: Path) -> None:
 def test_top_k_teacher_at_tp2(tmp_path: Path) -> None:
     path = tmp_path / "topk.json"
     args = ["--config", "configs/distill.toml", "--divergence", "reverse_kl", "--top-k", "16", "--steps", "1"]
-    proc = _run([*args, "--verify", "--json", str(path)], 2)
+    proc = _run([*args, "--verify", "--output", str(path)], 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "per-token reverse_kl top-16 teacher" in proc.stdout
     _check(json.loads(path.read_text()), proc)
