@@ -32,7 +32,7 @@ class LaunchOptions:
     """JSON result written by rank 0 (its folder is created); empty for none"""
     threads: int = 0
     """torch CPU threads per rank; 0: the CPUs this process may use divided by the ranks on this machine"""
-    progress_s: float = 10.0
+    progress_s: float = 5.0
     """seconds between the progress lines of a long stage (rank 0, stderr); 0 for none"""
 
     def __post_init__(self) -> None:

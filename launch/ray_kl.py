@@ -50,7 +50,7 @@ class RayOptions:
     """also forward Ray's own log lines and the workers' output to stderr (else they stay in Ray's log files)"""
     output: str = "results/ray_kl.json"
     """JSON result written by the driver (its folder is created); empty for none"""
-    progress_s: float = 10.0
+    progress_s: float = 5.0
     """seconds between the progress lines of a long stage (stderr); 0 for none"""
 
     def __post_init__(self) -> None:

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run = runtime.start(options.backend, timeout_s=options.timeout_s, threads=options.threads)
     set_collective_timeout(options.timeout_s)
-    log = StageLog(interval_s=10.0) if run.rank == 0 else None
+    log = StageLog(interval_s=5.0) if run.rank == 0 else None
     say = log.stage if log is not None else (lambda stage, message: None)
     start = time.perf_counter()
     say("training", f"training: {config.steps} GRPO step(s) over {run.world_size} rank(s), backend {run.backend}")

@@ -10,6 +10,7 @@ which is what the parity check compares against.
 from __future__ import annotations
 
 import copy
+import textwrap
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -266,7 +267,8 @@ def format_steps(results: list[StepResult], config: TPConfig) -> str:
         lines.append("  ".join(f"{values[name]:>{width}.6g}" for name, width in widths.items()))
     lines.append("")
     lines.append(f"kl_coef={config.kl_coef}  estimator={config.estimator}  reduction={config.reduction}")
-    lines += [f"  {name}: {meaning}" for name, meaning in STEP_COLUMNS.items()]
+    for name, meaning in STEP_COLUMNS.items():
+        lines += textwrap.wrap(f"{name}: {meaning}", width=112, initial_indent="  ", subsequent_indent="    ")
     return "\n".join(lines)
 
 

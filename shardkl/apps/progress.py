@@ -30,7 +30,7 @@ class StageLog:
     def __init__(
         self,
         *,
-        interval_s: float = 10.0,
+        interval_s: float = 5.0,
         stream: TextIO | None = None,
         clock: Callable[[], float] = time.monotonic,
         heartbeat: bool = True,

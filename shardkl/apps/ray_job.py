@@ -35,6 +35,7 @@ import torch
 from shardkl.apps.experiment import STAGES as EXPERIMENT_STAGES
 from shardkl.apps.experiment import ExperimentConfig, run_rank
 from shardkl.apps.progress import StageLog, Timeline
+from shardkl.options import set_collective_timeout
 
 STAGES = ("ready", *EXPERIMENT_STAGES)
 """Stages a worker reports, in order: its process group is up, then those of :func:`run_rank`."""
@@ -43,6 +44,11 @@ StageHook = Callable[[int, str], None]
 """``on_stage(rank, stage)``: run on a worker as it reaches each of :data:`STAGES`, after the board has recorded it."""
 
 _POLL_S = 0.2
+
+
+def _collective_timeout_s(config: ExperimentConfig) -> int:
+    """80% of the job's timeout: a rank whose peer stalled reports it before the driver's own deadline fires."""
+    return max(1, math.floor(0.8 * config.timeout_s))
 
 
 class RayJobError(RuntimeError):
@@ -87,6 +93,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import torch.distributed as dist
 
     experiment = ExperimentConfig(**config["experiment"])
+    # shardkl's collectives wait as long as the process group's (run_on_ray's TorchConfig)
+    set_collective_timeout(_collective_timeout_s(experiment))
     board = config.get("board")
     on_stage: StageHook | None = config.get("on_stage")
     rank = ray.train.get_context().get_world_rank()
@@ -271,7 +279,7 @@ def run_on_ray(
     log: StageLog | None = None,
     timeline: Timeline | None = None,
     on_stage: StageHook | None = None,
-    progress_s: float = 10.0,
+    progress_s: float = 5.0,
 ) -> dict[str, Any]:
     """Run the experiment of :func:`shardkl.apps.experiment.run_rank` on ``num_workers`` Ray Train workers.
 
@@ -342,7 +350,7 @@ def run_on_ray(
             failure_config=FailureConfig(max_failures=0),
         ),
         # collectives time out first, so that the rank that saw the timeout reports it before the driver's deadline
-        torch_config=TorchConfig(backend=backend, timeout_s=max(1, math.floor(0.8 * config.timeout_s))),
+        torch_config=TorchConfig(backend=backend, timeout_s=_collective_timeout_s(config)),
     )
     if local_mode:
         try:

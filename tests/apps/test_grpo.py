@@ -98,8 +98,10 @@ def test_steps_table_names_its_columns_and_explains_them_under_it() -> None:
     assert lines[0].split() == list(STEP_COLUMNS) == [f.name for f in dataclasses.fields(StepResult)]
     assert lines[2].split() == ["1", "0.51", "0.5", "0.01", "0.1", "0.1", "0.3"]
     assert f"kl_coef={CONFIG.kl_coef}  estimator={CONFIG.estimator}  reduction={CONFIG.reduction}" in text
+    legend = " ".join(text.split())
     for name, meaning in STEP_COLUMNS.items():
-        assert f"  {name}: {meaning}" in text
+        assert f"{name}: {meaning}" in legend
+    assert max(len(line) for line in lines) <= 112
     assert "kl_coef * kl_estimate" in STEP_COLUMNS["kl_term"]
     assert "same batch" in STEP_COLUMNS["exact_kl_after_update"]
 

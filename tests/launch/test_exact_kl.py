@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,12 @@ def test_help_lists_every_key_with_its_default() -> None:
     for key in ("--output", "--threads", "--progress_s", "--config FILE.toml"):
         assert key in text
     assert "default: results/exact_kl.json" in text
+    # docs/launchers.md has a row for every key
+    docs = (ROOT / "docs" / "launchers.md").read_text()
+    keys = set(re.findall(r"\[--(\w+) ", text)) - {"config"}
+    assert len(keys) == 13, keys
+    for key in keys:
+        assert f"| `{key}` |" in docs, key
 
 
 @pytest.mark.parametrize(

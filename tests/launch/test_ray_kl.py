@@ -165,6 +165,10 @@ def test_help_lists_the_ray_keys() -> None:
     for key in ("--num_workers", "--address", "--use_gpu", "--verbose", "--output", "--progress_s", "--vocab_size"):
         assert key in text
     assert "default: results/ray_kl.json" in text and "default: 2" in text
+    # docs/ray.md has a row for every key of its own
+    docs = (ROOT / "docs" / "ray.md").read_text()
+    for key in ("num_workers", "address", "use_gpu", "verbose", "output", "progress_s"):
+        assert f"| `{key}` |" in docs, key
 
 
 def test_killed_worker_names_the_rank_in_one_last_line(tmp_path: Path) -> None:

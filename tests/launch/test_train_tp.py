@@ -63,6 +63,10 @@ def test_help_lists_every_key_and_bad_keys_exit_2(tmp_path: Path) -> None:
         assert f"--{field.name}" in text and f"default: {field.default}" in text, field.name
     for key in ("--verify", "--output", "--backend", "--threads", "--timeout_s"):
         assert key in text
+    # docs/launchers.md names every key
+    docs = (ROOT / "docs" / "launchers.md").read_text()
+    for field in dataclasses.fields(TPConfig):
+        assert f"`{field.name}`" in docs, field.name
     proc = _run(["--estimator", "k9"], None, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("train_tp.py: error: estimator must be one of exact, k1")
