@@ -10,6 +10,7 @@ from typing import Literal
 import pytest
 
 from shardkl.apps.cli import ConfigError, build_parser, parse_config
+from shardkl.apps.distill import DistillConfig
 from shardkl.apps.experiment import ExperimentConfig
 from shardkl.apps.grpo import TPConfig
 
@@ -71,8 +72,10 @@ def test_shipped_configs_load() -> None:
     assert (seed.vocab_size, seed.seq_len, seed.batch_size, seed.delta) == (1000, 50, 1, 0.1)
     large, _ = _parse(["--config", str(CONFIGS / "large.toml")])
     assert (large.vocab_size, large.seq_len, large.batch_size) == (32000, 1024, 8)
+    # every shipped file loads with the configuration of its launcher
     for file in CONFIGS.glob("*.toml"):
-        _parse(["--config", str(file)])
+        cls = DistillConfig if file.stem == "distill" else ExperimentConfig
+        parse_config([cls], ["--config", str(file)], prog="x", description="")
     tp, _ = parse_config([TPConfig, Flags], ["--config", str(CONFIGS / "tp" / "train_tp.toml")], prog="x",
                          description="")
     assert (tp.steps, tp.response_len, tp.kl_coef) == (3, 10, 0.1)
