@@ -3,83 +3,81 @@
     torchrun --standalone --nproc-per-node N launch/exact_kl.py [--config configs/seed.toml] [--key value ...]
     python launch/exact_kl.py [...]            # one rank
 
-Rank 0 prints a table to stdout (progress goes to stderr) and, with ``--output PATH``, writes JSON.
-A bad configuration exits with status 2 and one line naming the problem, on every rank.
+Rank 0 prints a table to stdout, progress to stderr, and writes JSON (default ``results/exact_kl.json``). A bad
+configuration exits with status 2 and one line naming the problem, on every rank, before any process group exists.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-from datetime import timedelta
-from pathlib import Path
+from dataclasses import dataclass
 
-USAGE = (
-    "usage: launch/exact_kl.py [--config FILE.toml] [--vocab-size N] [--seq-len N] [--batch-size N] "
-    "[--delta X] [--samples K] [--seed N] [--dtype float32|bfloat16|float16|float64] [--temperature T] "
-    "[--backend auto|gloo|nccl] [--timeout-s S] [--output PATH]"
+PROG = "exact_kl.py"
+DESCRIPTION = (
+    "The seed experiment at any scale: reference logits ~ N(0, 1), new = reference + delta * N(0, 1), tokens "
+    "sampled from the reference; prints the exact KL(reference||new) next to the k1/k2/k3 estimators. Run it with "
+    "torchrun (one vocabulary shard per rank) or with python (one rank)."
+)
+EPILOG = (
+    "Keys are the same in a --config TOML file and on the command line (--vocab_size or --vocab-size); the command "
+    "line wins over the file, the file over the defaults."
 )
 
 
-def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return 0
-    from shardkl.apps.config import ConfigError, ExperimentConfig, load_config, parse_args
+@dataclass(frozen=True)
+class LaunchOptions:
+    """launcher"""
 
-    prog = "exact_kl.py"
+    output: str = "results/exact_kl.json"
+    """JSON result written by rank 0 (its folder is created); empty for none"""
+    threads: int = 0
+    """torch CPU threads per rank; 0: the CPUs this process may use divided by the ranks on this machine"""
+    progress_s: float = 5.0
+    """seconds between the progress lines of a long stage (rank 0, stderr); 0 for none"""
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.progress_s < 0:
+            raise ValueError(f"progress_s must be >= 0, got {self.progress_s}")
+
+
+def main(argv: list[str]) -> int:
+    from shardkl.apps.cli import ConfigError, parse_config
+    from shardkl.apps.experiment import ExperimentConfig
+
     try:
-        path, overrides, extra = parse_args(ExperimentConfig, argv)
-        if extra:
-            key = next(iter(extra))
-            raise ConfigError(f"unknown option --{key.replace('_', '-')}")
-        config = load_config(ExperimentConfig, path, overrides)
+        config, options = parse_config(
+            [ExperimentConfig, LaunchOptions], argv, prog=PROG, description=DESCRIPTION, epilog=EPILOG
+        )
     except ConfigError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
 
-    import torch
-    import torch.distributed as dist
-
     from shardkl import CollectiveError, set_collective_timeout
+    from shardkl.apps import runtime
     from shardkl.apps.experiment import format_table, run_rank
+    from shardkl.apps.progress import StageLog
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    group = None
-    device = torch.device("cpu")
-    if world > 1:
-        backend = config.backend
-        if backend == "auto":
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend, timeout=timedelta(seconds=config.timeout_s))
-        group = dist.group.WORLD
-    elif torch.cuda.is_available() and config.backend != "gloo":
-        device = torch.device("cuda")
+    run = runtime.start(config.backend, timeout_s=config.timeout_s, threads=options.threads)
     set_collective_timeout(config.timeout_s)
+    log = StageLog(interval_s=options.progress_s) if run.rank == 0 else None
     try:
-        result = run_rank(config, group=group, device=device)
-        if group is not None:
-            # every rank leaves together: gloo can abort a process that tears down while a peer still sends
-            dist.barrier(group)
+        result = run_rank(config, group=run.group, device=run.device, progress=log.stage if log else None)
+        runtime.finish(run)
     except CollectiveError as exc:
         # a peer died or stalled: one line, non-zero exit, no traceback wall
-        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        runtime.finish(run, together=False)
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
-        if group is not None:
-            dist.destroy_process_group()
-    result = {"launcher": "torchrun" if world > 1 else "python", **result}
-    if int(os.environ.get("RANK", "0")) == 0:
+        if log is not None:
+            log.close()
+    if run.rank == 0:
+        result = {"launcher": "torchrun" if run.world_size > 1 else "python", "threads": run.threads, **result}
         print(format_table(result), flush=True)
-        if config.output:
-            out = Path(config.output)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2) + "\n")
-            print(f"[shardkl] wrote {out}", file=sys.stderr)
+        if options.output:
+            print(f"[shardkl] wrote {runtime.write_json(options.output, result)}", file=sys.stderr)
     return 0
 
 

@@ -5,113 +5,146 @@
     ray job submit --working-dir . -- python launch/ray_kl.py --num-workers 2
     torchrun --standalone --nproc-per-node 2 launch/ray_kl.py --num-workers 0 # Ray Train local mode, no cluster
 
-Same configs, table and JSON as ``launch/exact_kl.py`` (plus ``"launcher": "ray"``); progress goes to stderr.
-A bad configuration exits with status 2 and one line; a failed worker exits with status 1 and one final line
-naming the rank and the cause.
+Same configs, table and JSON as ``launch/exact_kl.py`` (plus ``"launcher": "ray"`` and the run's timings); the
+driver prints progress to stderr, and Ray's own logs stay in Ray's log files unless ``--verbose``. A bad
+configuration exits with status 2 and one line; a failed worker exits with status 1 and one final line naming the
+rank and the cause.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from shardkl.apps.config import ExperimentConfig
+# the zero of every "after N s" and of the final total: before the imports, which take seconds
+T0 = time.perf_counter()
 
-USAGE = (
-    "usage: launch/ray_kl.py [--config FILE.toml] [--num-workers N] [--address auto|HOST:PORT] "
-    "[--use-gpu] [--timeout-s S] [--vocab-size N] [--seq-len N] [--batch-size N] [--delta X] "
-    "[--samples K] [--seed N] [--dtype float32|bfloat16|float16|float64] [--temperature T] "
-    "[--backend auto|gloo|nccl] [--output PATH]"
-)
+import os  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
 PROG = "ray_kl.py"
+DESCRIPTION = (
+    "The seed experiment of exact_kl.py as a Ray job: each Ray Train worker holds one vocabulary shard. Same keys, "
+    "table and JSON as exact_kl.py."
+)
+EPILOG = (
+    "Keys are the same in a --config TOML file and on the command line (--num_workers or --num-workers); the "
+    "command line wins over the file, the file over the defaults."
+)
 
 
-def _say(message: str) -> None:
-    print(f"[shardkl] {message}", file=sys.stderr, flush=True)
+@dataclass(frozen=True)
+class RayOptions:
+    """Ray launcher"""
+
+    num_workers: int = 2
+    """Ray Train workers, one vocabulary shard each; 0: Ray Train's local mode (no cluster; under torchrun every rank
+    is a worker)"""
+    address: str = ""
+    """Ray cluster to join (auto, HOST:PORT, ray://...); empty: $RAY_ADDRESS if set, else an embedded local
+    instance"""
+    use_gpu: bool = False
+    """one GPU per worker, NCCL"""
+    verbose: bool = False
+    """also forward Ray's own log lines and the workers' output to stderr (else they stay in Ray's log files)"""
+    output: str = "results/ray_kl.json"
+    """JSON result written by the driver (its folder is created); empty for none"""
+    progress_s: float = 5.0
+    """seconds between the progress lines of a long stage (stderr); 0 for none"""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.progress_s < 0:
+            raise ValueError(f"progress_s must be >= 0, got {self.progress_s}")
 
 
-def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return 0
-    from shardkl.apps.config import ConfigError, ExperimentConfig, load_config, parse_args
+def main(argv: list[str], *, on_stage: Any = None) -> int:
+    """Run the launcher; ``on_stage`` is handed to :func:`shardkl.apps.ray_job.run_on_ray` (the failure tests use
+    it to kill or stall a worker)."""
+    from shardkl.apps.cli import ConfigError, parse_config
+    from shardkl.apps.experiment import ExperimentConfig
 
-    # --use-gpu is a flag; --use-gpu true|false is accepted too
-    argv = [
-        "--use-gpu=true" if a == "--use-gpu" and (i + 1 == len(argv) or argv[i + 1].startswith("--")) else a
-        for i, a in enumerate(argv)
-    ]
     try:
-        path, overrides, extra = parse_args(ExperimentConfig, argv)
-        num_workers = extra.pop("num_workers", "2")
-        address = extra.pop("address", os.environ.get("RAY_ADDRESS", ""))
-        use_gpu = extra.pop("use_gpu", "false").lower()
-        if extra:
-            key = next(iter(extra))
-            raise ConfigError(f"unknown option --{key.replace('_', '-')}")
-        if not num_workers.isdigit():
-            raise ConfigError(f"command line: num_workers must be an int >= 0, got {num_workers!r}")
-        if use_gpu not in ("true", "false", "1", "0"):
-            raise ConfigError(f"command line: use_gpu must be true or false, got {use_gpu!r}")
-        gpu = use_gpu in ("true", "1")
-        config = load_config(ExperimentConfig, path, overrides)
-        if config.backend == "nccl" and not gpu:
-            raise ConfigError("backend nccl needs --use-gpu true")
+        config, options = parse_config(
+            [ExperimentConfig, RayOptions], argv, prog=PROG, description=DESCRIPTION, epilog=EPILOG
+        )
+        if config.backend == "nccl" and not options.use_gpu:
+            raise ConfigError("backend nccl needs --use-gpu")
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
 
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        print(f"{PROG}: error: needs Ray: pip install -e '.[ray]'", file=sys.stderr)
+        return 1
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from shardkl.apps import runtime
+    from shardkl.apps.progress import StageLog, Timeline
+    from shardkl.apps.ray_job import RayJobError, quiet_ray_logging, run_on_ray, start_ray
+
+    if options.num_workers == 0:
+        # Ray Train's local mode: no cluster; under torchrun every rank runs the same worker function
+        quiet_ray_logging(options.verbose)
+        import torch
+
+        torch.set_num_threads(runtime.threads_per_rank())
+        result = run_on_ray(config, num_workers=0, use_gpu=options.use_gpu, on_stage=on_stage,
+                            progress_s=options.progress_s)
+        if int(os.environ.get("RANK", "0")) == 0:
+            _finish(options, {"launcher": "ray-local", **result}, None)
+        return 0
+
     import ray
 
-    from shardkl.apps.ray_job import RayJobError, run_on_ray
+    timeline = Timeline(T0)
+    address = options.address or os.environ.get("RAY_ADDRESS", "")
+    with StageLog(interval_s=options.progress_s) as log:
+        timeline.mark("start-up and imports")
+        log.stage("starting Ray", f"starting Ray: {'joining ' + address if address else 'embedded local instance'}")
+        try:
+            logs = start_ray(address, verbose=options.verbose)
+        except Exception as exc:  # connection, authentication, resources: one line, not Ray's traceback
+            text = str(exc).strip()
+            print(f"{PROG}: error: could not {'join Ray at ' + address if address else 'start Ray'}: "
+                  f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}", file=sys.stderr)
+            return 1
+        after = timeline.mark("Ray start")
+        log.end_stage(f"Ray ready after {after:.1f} s" + ("" if options.verbose else f"; its logs: {logs}"))
+        error: RayJobError | None = None
+        try:
+            result = run_on_ray(config, num_workers=options.num_workers, use_gpu=options.use_gpu, log=log,
+                                timeline=timeline, on_stage=on_stage)
+        except RayJobError as exc:
+            error = exc
+        finally:
+            log.stage("shutting down Ray", "shutting down Ray")
+            ray.shutdown()
+            log.end_stage()
+        if error is not None:
+            # after the shutdown, so that nothing Ray prints while stopping can bury the one line that matters
+            print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
+            return 1
+        timeline.mark("Ray shutdown")
+        _finish(options, {"launcher": "ray", **result}, timeline)
+        timeline.mark("output")
+        log.say(timeline.summary())
+    return 0
 
-    if int(num_workers) == 0:
-        # Ray Train's local mode: no cluster; under torchrun every rank runs the same worker function
-        result = run_on_ray(config, num_workers=0, use_gpu=gpu)
-        return _finish(config, {"launcher": "ray-local", **result}, int(os.environ.get("RANK", "0")) == 0)
-    t0 = time.perf_counter()
-    _say(f"starting cluster: {'joining ' + address if address else 'embedded local Ray instance'}")
-    try:
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(address="local", include_dashboard=False)
-    except Exception as exc:  # connection, authentication, resources: one line, not Ray's traceback
-        print(f"{PROG}: error: could not {'join Ray at ' + address if address else 'start Ray'}: "
-              f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
-              file=sys.stderr)
-        return 1
-    _say(f"Ray ready in {time.perf_counter() - t0:.1f} s")
-    try:
-        result = run_on_ray(config, num_workers=int(num_workers), use_gpu=gpu, log=_say)
-    except RayJobError as exc:
-        # after the shutdown, so that Ray's forwarded worker logs cannot bury the one line that matters
-        ray.shutdown()
-        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        ray.shutdown()
-    return _finish(config, {"launcher": "ray", **result}, True)
 
-
-def _finish(config: ExperimentConfig, result: dict[str, Any], rank0: bool) -> int:
-    """Print the table and write the JSON (rank 0 only)."""
+def _finish(options: RayOptions, result: dict[str, Any], timeline: Any) -> None:
+    """Print the table and write the JSON (with the run's timings when there is a timeline)."""
+    from shardkl.apps import runtime
     from shardkl.apps.experiment import format_table
 
-    if rank0:
-        print(format_table(result), flush=True)
-        if config.output:
-            out = Path(config.output)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2) + "\n")
-            _say(f"wrote {out}")
-    return 0
+    if timeline is not None:
+        result = {**result, "timings_s": timeline.as_dict()}
+    print(format_table(result), flush=True)
+    if options.output:
+        print(f"[shardkl] wrote {runtime.write_json(options.output, result)}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

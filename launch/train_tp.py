@@ -1,108 +1,117 @@
-"""Tensor-parallel GRPO steps with shardkl: ``torchrun --standalone --nproc-per-node 2 launch/train_tp.py``.
+"""Tensor-parallel GRPO steps with shardkl on a tiny Llama whose ``lm_head`` is split over the ranks.
 
-A tiny Llama (built from a config, no download) with its ``lm_head`` split column-wise over the ranks; the loss
-``-advantage · log π(x) + β · KL(π‖π_ref)`` comes from shardkl on the vocabulary slices. Configuration:
-defaults < ``--config file.toml`` < command line. Rank 0 prints a table and writes ``--json``. ``--verify``
-re-runs the same steps on each process alone and reports the largest differences.
+    torchrun --standalone --nproc-per-node 2 launch/train_tp.py [--config configs/tp/train_tp.toml] [--verify]
+    python launch/train_tp.py [...]            # one process, the full vocabulary
+
+The model is built from a config (no download); the loss ``-advantage · log π(x) + kl_coef · KL(π‖π_ref)`` comes
+from shardkl on the vocabulary slices. Rank 0 prints a table of the steps with a legend of its columns to stdout,
+progress to stderr, and writes JSON (default ``results/train_tp.json``). ``--verify`` re-runs the same steps on
+each process alone and reports the largest differences. A bad configuration exits with status 2 and one line.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import platform
 import sys
-import time
 from dataclasses import dataclass
-from datetime import timedelta
-from pathlib import Path
-from typing import Any
+from typing import Literal
 
-import torch
-import torch.distributed as dist
-
-from shardkl.apps.config import ConfigError, load_config
-from shardkl.apps.config import parse_args as config_args
-from shardkl.apps.grpo import TPConfig, parity_report, train
+PROG = "train_tp.py"
+DESCRIPTION = (
+    "GRPO steps on a tiny Llama (built from a config, no download) whose lm_head is split column-wise over the "
+    "ranks; the loss comes from shardkl on the vocabulary slices. Run it with torchrun, or with python (one process)."
+)
+EPILOG = (
+    "Keys are the same in a --config TOML file and on the command line (--response_len or --response-len); the "
+    "command line wins over the file, the file over the defaults."
+)
 
 
 @dataclass(frozen=True)
-class LaunchArgs:
-    """Flags of this launcher that are not TPConfig fields."""
+class LaunchOptions:
+    """launcher"""
 
-    json: Path | None
-    verify: bool
-    backend: str
+    verify: bool = False
+    """re-run the same steps on each process alone (full vocabulary) and report the largest differences"""
+    output: str = "results/train_tp.json"
+    """JSON result written by rank 0 (its folder is created); empty for none"""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend: auto is nccl when every rank has a GPU, else gloo"""
+    threads: int = 0
+    """torch CPU threads per rank; 0: the CPUs this process may use divided by the ranks on this machine"""
+    timeout_s: float = 120.0
+    """seconds a collective may wait for the other ranks"""
 
-
-def parse_args(argv: list[str]) -> tuple[TPConfig, LaunchArgs]:
-    """TPConfig from defaults < ``--config FILE.toml`` < ``--key value``, plus ``--json``, ``--verify``,
-    ``--backend``. Raises :class:`shardkl.apps.config.ConfigError` with one line for any problem."""
-    verify = "--verify" in argv
-    path, overrides, extra = config_args(TPConfig, [a for a in argv if a != "--verify"])
-    json_path = extra.pop("json", None)
-    backend = extra.pop("backend", "auto")
-    if extra:
-        raise ConfigError(f"unknown option --{next(iter(extra)).replace('_', '-')}")
-    if backend not in ("auto", "gloo", "nccl"):
-        raise ConfigError(f"backend must be one of auto, gloo, nccl, got {backend!r}")
-    config = load_config(TPConfig, path, overrides)
-    return config, LaunchArgs(json=None if json_path is None else Path(json_path), verify=verify, backend=backend)
-
-
-def init_distributed(backend: str) -> tuple[Any, str]:
-    """Process group from torchrun's environment; one process without it. nccl needs a GPU per rank."""
-    if "RANK" not in os.environ:
-        return None, "none"
-    world = int(os.environ["WORLD_SIZE"])
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=120))
-    return dist.group.WORLD, backend
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shardkl.apps.cli import ConfigError, parse_config
+    from shardkl.apps.grpo import TPConfig
+
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
     try:
-        config, args = parse_args(argv)
+        config, options = parse_config([TPConfig, LaunchOptions], argv, prog=PROG, description=DESCRIPTION,
+                                       epilog=EPILOG)
     except ConfigError as exc:
-        print(f"train_tp.py: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    group, backend = init_distributed(args.backend)
-    rank = dist.get_rank() if group is not None else 0
-    world = dist.get_world_size() if group is not None else 1
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+
+    import dataclasses
+    import importlib.util
+    import platform
+    import time
+
+    if importlib.util.find_spec("transformers") is None:
+        print(f"{PROG}: error: the model needs transformers: pip install transformers", file=sys.stderr)
+        return 1
+
+    import torch
+    import torch.distributed as dist
+
+    from shardkl import set_collective_timeout
+    from shardkl.apps import runtime
+    from shardkl.apps.grpo import format_steps, parity_report, train
+    from shardkl.apps.progress import StageLog
+
+    run = runtime.start(options.backend, timeout_s=options.timeout_s, threads=options.threads)
+    set_collective_timeout(options.timeout_s)
+    log = StageLog(interval_s=5.0) if run.rank == 0 else None
+    say = log.stage if log is not None else (lambda stage, message: None)
     start = time.perf_counter()
-    results, policy = train(config, group)
+    say("training", f"training: {config.steps} GRPO step(s) over {run.world_size} rank(s), backend {run.backend}")
+    results, policy = train(config, run.group, run.device)
     seconds = time.perf_counter() - start
     verify = None
-    if args.verify:
+    if options.verify:
+        say("verifying", "verifying: the same steps on each process alone")
         report = parity_report(config, results, policy)
-        values = torch.tensor(list(report.values()), dtype=torch.float64)
-        if group is not None:
+        values = torch.tensor(list(report.values()), dtype=torch.float64, device=run.device)
+        if run.group is not None:
             # the worst rank's differences
             dist.all_reduce(values, op=dist.ReduceOp.MAX)
         verify = dict(zip(report, values.tolist(), strict=True))
-    if rank == 0:
-        header = list(results[0].as_dict())
-        print(" | ".join(f"{h:>15}" for h in header))
-        for r in results:
-            print(" | ".join(f"{v:>15.6g}" for v in r.as_dict().values()))
-        print(f"world_size={world} backend={backend} vocab={config.vocab_size} estimator={config.estimator} "
-              f"time={seconds:.2f}s")
+    if log is not None:
+        log.end_stage(f"done in {time.perf_counter() - start:.2f} s (training {seconds:.2f} s)")
+        log.close()
+    runtime.finish(run)
+    if run.rank == 0:
+        print(format_steps(results, config))
+        print(f"\nworld_size={run.world_size}  backend={run.backend}  vocab={config.vocab_size}  "
+              f"training time={seconds:.2f} s")
         if verify is not None:
-            print("verify (vs one process): " + ", ".join(f"{k}={v:.3g}" for k, v in verify.items()))
-        if args.json is not None:
+            diffs = ", ".join(f"{k}={v:.3g}" for k, v in verify.items())
+            print(f"verify, largest differences from one process: {diffs}")
+        sys.stdout.flush()
+        if options.output:
             payload = {
                 "config": dataclasses.asdict(config),
-                "world_size": world,
-                "backend": backend,
+                "world_size": run.world_size,
+                "backend": run.backend,
+                "threads": run.threads,
                 "seconds": seconds,
                 "steps": [r.as_dict() for r in results],
                 "verify": verify,
@@ -110,12 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 "python": sys.version.split()[0],
                 "machine": platform.machine(),
             }
-            args.json.write_text(json.dumps(payload, indent=2))
-    if group is not None:
-        # Leave together: without it, a rank that tears down gloo while its peer is still printing aborted at
-        # exit ("terminate called without an active exception") in 3 of 8 torchrun runs here; 0 of 22 with it.
-        dist.barrier()
-        dist.destroy_process_group()
+            print(f"[shardkl] wrote {runtime.write_json(options.output, payload)}", file=sys.stderr)
     return 0
 
 

@@ -7,6 +7,7 @@ all-gather of a few floats per token, so no rank materialises the full-vocabular
 from __future__ import annotations
 
 from shardkl import nn
+from shardkl.distill import DIVERGENCES, Divergence, TopKTeacher, distillation_loss, jsd, topk_kl
 from shardkl.distributed import CollectiveCounter, CollectiveError, count_collectives
 from shardkl.estimators import SAMPLED_ESTIMATORS, SampledEstimator, k1, k2, k3
 from shardkl.functional import KLStats, entropy, exact_kl, kl_stats, sampled_kl, token_logprobs
@@ -20,12 +21,14 @@ from shardkl.sampling import sample_tokens
 __version__ = "0.2.0"
 
 __all__ = [
+    "DIVERGENCES",
     "ESTIMATORS",
     "NAN_POLICIES",
     "REDUCTIONS",
     "SAMPLED_ESTIMATORS",
     "CollectiveCounter",
     "CollectiveError",
+    "Divergence",
     "Estimator",
     "GRPOLoss",
     "KLStats",
@@ -34,12 +37,15 @@ __all__ = [
     "Options",
     "Reduction",
     "SampledEstimator",
+    "TopKTeacher",
     "VocabLayout",
     "__version__",
     "count_collectives",
+    "distillation_loss",
     "entropy",
     "exact_kl",
     "grpo_loss",
+    "jsd",
     "k1",
     "k2",
     "k3",
@@ -52,4 +58,5 @@ __all__ = [
     "set_collective_timeout",
     "shard_bounds",
     "token_logprobs",
+    "topk_kl",
 ]

@@ -215,10 +215,9 @@ def resolve(
     q = checked[1] if two_inputs else None
     if q is not None:
         if q.shape != p.shape:
-            what = "(for LinearLogits: hidden rows and weight rows) " if LinearLogits in map(type, checked) else ""
+            what = " (of their logits: hidden rows and weight rows)" if LinearLogits in map(type, checked) else ""
             raise ValueError(
-                f"{p_name} and {q_name} must have the same logits shape {what}[..., V_local], got "
-                f"{tuple(p.shape)} and {tuple(q.shape)}"
+                f"{p_name} and {q_name} must have the same shape{what}, got {tuple(p.shape)} and {tuple(q.shape)}"
             )
         if _device(q) != _device(p):
             raise ValueError(f"{p_name} and {q_name} must be on one device, got {_device(p)} and {_device(q)}")

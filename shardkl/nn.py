@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from shardkl.distill import DIVERGENCES, Divergence, TopKTeacher, distillation_loss
 from shardkl.distributed import ProcessGroup
 from shardkl.layout import VocabLayout
 from shardkl.losses import Estimator, canonical_estimator, kl_penalty
@@ -95,4 +96,82 @@ class KLPenalty(nn.Module):
         )
 
 
-__all__ = ["KLPenalty"]
+class DistillationLoss(nn.Module):
+    """Distillation loss of sharded student logits against a teacher, as a module; see
+    :func:`shardkl.distillation_loss`.
+
+    Args:
+        divergence: ``"forward_kl"`` (KL(teacher‖student), default), ``"reverse_kl"`` (KL(student‖teacher)) or
+            ``"jsd"`` (TRL's generalised JSD with mixture weight ``beta``).
+        beta: the JSD's mixture weight of the teacher (default 0.5); only with ``divergence="jsd"``.
+        group: process group of the vocabulary split, e.g. ``parallel_state.get_tensor_model_parallel_group()``.
+        layout, reduction, temperature, valid_vocab_size, options: as in :func:`shardkl.distillation_loss`.
+
+    A deep copy of the module shares its process group (a group cannot be copied).
+
+    Example:
+        >>> loss_fn = DistillationLoss("jsd", beta=0.5, group=tp_group)
+        >>> loss = loss_fn(student_logits, teacher_logits, mask=response_mask)
+        >>> loss = DistillationLoss("reverse_kl", group=tp_group)(student_logits, TopKTeacher(ids, logprobs))
+    """
+
+    def __init__(
+        self,
+        divergence: Divergence = "forward_kl",
+        *,
+        beta: float | None = None,
+        group: ProcessGroup | None = None,
+        layout: VocabLayout | None = None,
+        reduction: Reduction = "token_mean",
+        temperature: float = 1.0,
+        valid_vocab_size: int | None = None,
+        options: Options | None = None,
+    ) -> None:
+        super().__init__()
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+        if beta is not None and divergence != "jsd":
+            raise ValueError(
+                f"beta is the JSD's mixture weight and applies to divergence='jsd' only, got {divergence!r}"
+            )
+        check_reduction(reduction)
+        self.divergence = divergence
+        self.beta = beta
+        self.group = group
+        self.layout = layout
+        self.reduction = reduction
+        self.temperature = temperature
+        self.valid_vocab_size = valid_vocab_size
+        self.options = check_options(options)
+
+    def forward(self, student_logits: Tensor, teacher: Tensor | TopKTeacher, mask: Tensor | None = None) -> Tensor:
+        """The loss; a scalar, or ``[...]`` per token with ``reduction="none"``."""
+        return distillation_loss(
+            student_logits,
+            teacher,
+            divergence=self.divergence,
+            beta=self.beta,
+            group=self.group,
+            layout=self.layout,
+            mask=mask,
+            reduction=self.reduction,
+            temperature=self.temperature,
+            valid_vocab_size=self.valid_vocab_size,
+            options=self.options,
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DistillationLoss:
+        # process groups cannot be copied: the copy shares them
+        memo[id(self.group)] = self.group
+        if self.layout is not None:
+            memo[id(self.layout)] = self.layout
+        clone = copy.copy(self)
+        clone.__dict__ = copy.deepcopy(self.__dict__, memo)
+        return clone
+
+    def extra_repr(self) -> str:
+        beta = "" if self.beta is None else f", beta={self.beta}"
+        return f"divergence={self.divergence!r}{beta}, reduction={self.reduction!r}, temperature={self.temperature}"
+
+
+__all__ = ["DistillationLoss", "KLPenalty"]

@@ -179,7 +179,7 @@ def test_bad_linear_logits_are_named() -> None:
         (lambda: shardkl.entropy(shardkl.LinearLogits(h, w, torch.zeros(7, dtype=h.dtype))), ValueError,
          "bias must have one entry per weight row"),
         (lambda: shardkl.exact_kl(shardkl.LinearLogits(h, w), shardkl.LinearLogits(m["h_q"][:, :3], m["w_q"])),
-         ValueError, "same logits shape"),
+         ValueError, "same shape \\(of their logits"),
         (lambda: shardkl.entropy(shardkl.LinearLogits(h, w.to("meta"))), ValueError, "on one device"),
         (lambda: shardkl.entropy(shardkl.LinearLogits(h, w[0])), ValueError, "weight must be \\[V_local, H\\]"),
         (lambda: shardkl.entropy(shardkl.LinearLogits(h.long(), w)), TypeError, "hidden must have a floating"),

@@ -10,14 +10,16 @@ which is what the parity check compares against.
 from __future__ import annotations
 
 import copy
+import textwrap
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from shardkl.distributed import ProcessGroup
-from shardkl.losses import Estimator, grpo_loss
+from shardkl.layout import VocabLayout
+from shardkl.losses import Estimator, GRPOLoss, grpo_loss
 from shardkl.parallel import ColumnParallelLMHead
 from shardkl.reduction import Reduction
 from shardkl.sampling import sample_tokens
@@ -45,25 +47,53 @@ class TensorParallelCausalLM(nn.Module):
 
 @dataclass(frozen=True)
 class TPConfig:
-    """One GRPO experiment on a tiny Llama built from a config (no download)."""
+    """GRPO run (a tiny Llama built from a config, no download)"""
 
     vocab_size: int = 1003
+    """vocabulary of the model (the lm_head is padded to a multiple of pad_multiple x ranks)"""
     hidden_size: int = 64
+    """hidden size of the model"""
     layers: int = 2
+    """transformer layers"""
     heads: int = 4
+    """attention heads"""
     init_std: float = 0.1
+    """standard deviation of the initial weights"""
     prompts: int = 2
+    """random prompts per step"""
     group_size: int = 4
+    """responses sampled per prompt (GRPO normalises rewards within each group)"""
     prompt_len: int = 4
+    """tokens per prompt"""
     response_len: int = 12
+    """tokens per response (responses end at a random length between half of it and all of it)"""
     steps: int = 2
+    """optimizer steps, each on a new batch sampled from the current policy"""
     lr: float = 0.2
+    """SGD learning rate"""
     kl_coef: float = 0.1
+    """weight of the KL term in the loss (beta in the GRPO paper)"""
     estimator: Estimator = "exact"
+    """KL estimate in the loss: exact (over the full vocabulary) or a sampled estimator"""
     reduction: Reduction = "token_mean"
+    """how per-token terms are aggregated into the loss"""
     pad_multiple: int = 8
+    """the lm_head rows of each rank are padded to a multiple of this"""
     seed: int = 0
-    dtype: str = "float32"
+    """seed of the weights, the prompts and the sampled responses"""
+    dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    """dtype of the model"""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "layers", "heads", "prompts", "prompt_len", "steps", "pad_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (rewards are normalised within a group), got {self.group_size}")
+        if self.response_len < 2:
+            raise ValueError(f"response_len must be >= 2, got {self.response_len}")
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size must be a multiple of heads, got {self.hidden_size} and {self.heads}")
 
 
 def build_causal_lm(config: TPConfig) -> nn.Module:
@@ -88,10 +118,11 @@ def build_causal_lm(config: TPConfig) -> nn.Module:
 
 
 def build_policy_and_reference(
-    config: TPConfig, group: ProcessGroup | None
+    config: TPConfig, group: ProcessGroup | None, device: torch.device | None = None
 ) -> tuple[TensorParallelCausalLM, TensorParallelCausalLM]:
-    """Policy with a column-parallel head, and a frozen copy of it as the reference."""
-    policy = TensorParallelCausalLM(build_causal_lm(config), group=group, pad_multiple=config.pad_multiple)
+    """Policy with a column-parallel head on ``device`` (default CPU), and a frozen copy of it as the reference."""
+    model = build_causal_lm(config).to(device or torch.device("cpu"))
+    policy = TensorParallelCausalLM(model, group=group, pad_multiple=config.pad_multiple)
     # share the process group instead of copying it (it cannot be copied)
     reference = copy.deepcopy(policy, memo={id(group): group})
     reference.head.weight.requires_grad_(False)
@@ -109,7 +140,7 @@ def parity_report(
         ``max_abs_diff_weights`` (after the last step), this rank's head rows against the same rows of the
         one-process head (padding rows against 0).
     """
-    one_results, one_policy = train(config, None)
+    one_results, one_policy = train(config, None, policy.head.weight.device)
     rel = 0.0
     for got, expected in zip(results, one_results, strict=True):
         for key, value in got.as_dict().items():
@@ -138,7 +169,7 @@ def rollout(policy: TensorParallelCausalLM, config: TPConfig, step: int) -> tupl
     """Sample ``group_size`` responses per prompt from the policy; rewards and GRPO advantages.
 
     Returns:
-        ``(input_ids [B, P + R], response_mask [B, R], advantages [B, 1])``, identical on every rank.
+        ``(input_ids [B, P + R], response_mask [B, R], advantages [B])``, identical on every rank.
     """
     device = policy.head.weight.device
     # all randomness is drawn on the CPU from one seed, so every rank and the one-process run agree
@@ -161,7 +192,7 @@ def rollout(policy: TensorParallelCausalLM, config: TPConfig, step: int) -> tupl
     grouped = reward.view(config.prompts, config.group_size)
     # GRPO: rewards normalised within each prompt's group of responses
     advantages = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-6)
-    return ids, mask, advantages.reshape(batch, 1).float()
+    return ids, mask, advantages.reshape(batch).float()
 
 
 def _response_logits(model: TensorParallelCausalLM, ids: Tensor, prompt_len: int) -> Tensor:
@@ -169,19 +200,76 @@ def _response_logits(model: TensorParallelCausalLM, ids: Tensor, prompt_len: int
     return model(ids)[:, prompt_len - 1 : -1]
 
 
+def objective(
+    config: TPConfig,
+    policy_logits: Tensor,
+    ref_logits: Tensor,
+    batch: tuple[Tensor, Tensor, Tensor],
+    layout: VocabLayout,
+    *,
+    estimator: Estimator | None = None,
+) -> GRPOLoss:
+    """The loss of one step from this rank's response logits: ``-advantage · log π(x) + kl_coef · KL(π‖π_ref)``.
+
+    The one place the training objective is written; a new mode (e.g. distillation) is another function like this.
+
+    Args:
+        config: the run's configuration (``kl_coef``, ``estimator``, ``reduction``, ``prompt_len``).
+        policy_logits, ref_logits: ``[B, R, V_local]`` logits of the response tokens, this rank's columns.
+        batch: ``(input_ids, response_mask, advantages)`` from :func:`rollout`.
+        layout: this rank's vocabulary columns.
+        estimator: the KL estimate (default ``config.estimator``).
+    """
+    ids, mask, advantages = batch
+    return grpo_loss(
+        policy_logits, ref_logits, ids[:, config.prompt_len :], advantages, kl_coef=config.kl_coef,
+        estimator=config.estimator if estimator is None else estimator, reduction=config.reduction, layout=layout,
+        mask=mask,
+    )
+
+
 @dataclass
 class StepResult:
-    """Scalars of one step (identical on every rank)."""
+    """Scalars of one step, identical on every rank; :data:`STEP_COLUMNS` says what each holds."""
 
     step: int
     loss: float
     policy_loss: float
-    kl_penalty: float
-    exact_kl_before: float
-    exact_kl_after: float
+    kl_term: float
+    kl_estimate: float
+    exact_kl: float
+    exact_kl_after_update: float
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
+
+
+STEP_COLUMNS = {
+    "step": "step number; each step samples a new batch from the current policy",
+    "loss": "the loss back-propagated: policy_loss + kl_term",
+    "policy_loss": "-advantage * log pi(x), aggregated with `reduction`",
+    "kl_term": "kl_coef * kl_estimate, the KL part of the loss",
+    "kl_estimate": "KL(pi||pi_ref) as the loss estimates it (`estimator`), aggregated with `reduction`",
+    "exact_kl": "exact KL(pi||pi_ref) per response token, mean over this step's batch, before the update",
+    "exact_kl_after_update": "the same, re-measured on the same batch after the optimizer step (not comparable "
+    "with the next step's exact_kl, which is measured on a new batch)",
+}
+"""What each :class:`StepResult` field holds, for the table's legend and the docs."""
+
+
+def format_steps(results: list[StepResult], config: TPConfig) -> str:
+    """The steps as a table for people, with a legend of its columns under it."""
+    widths = {name: max(len(name), 11) for name in STEP_COLUMNS}
+    widths["step"] = 4
+    lines = ["  ".join(f"{name:>{width}}" for name, width in widths.items())]
+    for result in results:
+        values = result.as_dict()
+        lines.append("  ".join(f"{values[name]:>{width}.6g}" for name, width in widths.items()))
+    lines.append("")
+    lines.append(f"kl_coef={config.kl_coef}  estimator={config.estimator}  reduction={config.reduction}")
+    for name, meaning in STEP_COLUMNS.items():
+        lines += textwrap.wrap(f"{name}: {meaning}", width=112, initial_indent="  ", subsequent_indent="    ")
+    return "\n".join(lines)
 
 
 def grpo_step(
@@ -192,46 +280,39 @@ def grpo_step(
     batch: tuple[Tensor, Tensor, Tensor],
     step: int = 0,
 ) -> StepResult:
-    """``-advantage · log π(x) + β · KL(π‖π_ref)`` with shardkl on a rollout, backward, optimizer step.
+    """One step on a rollout: :func:`objective`, backward, optimizer step, then the exact KL re-measured.
 
-    The gradients stay in ``.grad`` after the step. The KL after the update is re-measured on the same batch
-    (exact, over the full vocabulary, mean over response tokens).
+    The gradients stay in ``.grad`` after the step.
     """
-    ids, mask, advantages = batch
-    tokens = ids[:, config.prompt_len :]
-    common: dict[str, Any] = {"layout": policy.head.layout, "mask": mask}
+    ids, mask, _ = batch
+    layout = policy.head.layout
     with torch.no_grad():
         ref_logits = _response_logits(reference, ids, config.prompt_len)
     optimizer.zero_grad(set_to_none=True)
-    out = grpo_loss(
-        _response_logits(policy, ids, config.prompt_len),
-        ref_logits,
-        tokens,
-        advantages,
-        kl_coef=config.kl_coef,
-        estimator=config.estimator,
-        reduction=config.reduction,
-        **common,
-    )
+    out = objective(config, _response_logits(policy, ids, config.prompt_len), ref_logits, batch, layout)
     out.loss.backward()
     optimizer.step()
     with torch.no_grad():
-        after = grpo_loss(_response_logits(policy, ids, config.prompt_len), ref_logits, tokens, advantages,
-                          kl_coef=config.kl_coef, estimator="exact", reduction="token_mean", **common)
-    exact_before = (out.exact_kl * mask).sum() / mask.sum()
+        after = objective(config, _response_logits(policy, ids, config.prompt_len), ref_logits, batch, layout,
+                          estimator="exact")
+    mean = (out.exact_kl * mask).sum() / mask.sum()
+    mean_after = (after.exact_kl * mask).sum() / mask.sum()
     return StepResult(
         step=step,
         loss=out.loss.item(),
         policy_loss=out.policy_loss.item(),
-        kl_penalty=out.kl.item(),
-        exact_kl_before=exact_before.item(),
-        exact_kl_after=after.kl.item(),
+        kl_term=config.kl_coef * out.kl.item(),
+        kl_estimate=out.kl.item(),
+        exact_kl=mean.item(),
+        exact_kl_after_update=mean_after.item(),
     )
 
 
-def train(config: TPConfig, group: ProcessGroup | None) -> tuple[list[StepResult], TensorParallelCausalLM]:
+def train(
+    config: TPConfig, group: ProcessGroup | None, device: torch.device | None = None
+) -> tuple[list[StepResult], TensorParallelCausalLM]:
     """Build the models and run ``config.steps`` GRPO steps with SGD; returns the results and the policy."""
-    policy, reference = build_policy_and_reference(config, group)
+    policy, reference = build_policy_and_reference(config, group, device)
     optimizer = torch.optim.SGD(policy.parameters(), lr=config.lr)
     results = [
         grpo_step(policy, reference, optimizer, config, rollout(policy, config, step), step)
@@ -241,12 +322,15 @@ def train(config: TPConfig, group: ProcessGroup | None) -> tuple[list[StepResult
 
 
 __all__ = [
+    "STEP_COLUMNS",
     "StepResult",
     "TPConfig",
     "TensorParallelCausalLM",
     "build_causal_lm",
     "build_policy_and_reference",
+    "format_steps",
     "grpo_step",
+    "objective",
     "parity_report",
     "rollout",
     "train",

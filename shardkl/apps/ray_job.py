@@ -4,9 +4,12 @@
   Ray Train's ``TorchTrainer`` places the workers, creates the ``torch.distributed`` process group (gloo on CPU,
   NCCL on GPU) and tears everything down on failure; :func:`train_loop_per_worker` is the per-worker function
   and rank 0's return value comes back as ``Result.return_value`` (no checkpoint, no ``ray.train.report``).
-  A small progress actor records each rank's stage and pid, so the driver can print progress and name the rank
-  of a worker that died or hung. ``fit()`` runs in a thread while the driver watches a deadline, so a failure
-  becomes a :class:`RayJobError` within the configured timeout instead of a silent hang.
+  A small progress actor (:class:`ProgressBoard`) records each rank's pid and every stage it reaches with the
+  time it reached it, so the driver prints each stage once, in order, with its own time, and can name the rank of a
+  worker that died or hung. ``fit()`` runs in a thread while the driver watches a deadline, so a failure becomes a
+  :class:`RayJobError` within the configured timeout instead of a silent hang. ``on_stage`` runs a callable on the
+  workers at each stage (the failure tests kill or stall a worker with it).
+- :func:`start_ray` is ``ray.init`` for a launcher: Ray's own log lines go to Ray's log files unless asked for.
 
 ``ray`` is imported lazily. For shardkl on your own Ray worker group, see :mod:`shardkl.integrations.ray`.
 """
@@ -14,13 +17,12 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import re
 import shutil
-import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -30,17 +32,23 @@ from typing import Any
 
 import torch
 
-from shardkl.apps.config import ExperimentConfig
-from shardkl.apps.experiment import run_rank
+from shardkl.apps.experiment import STAGES as EXPERIMENT_STAGES
+from shardkl.apps.experiment import ExperimentConfig, run_rank
+from shardkl.apps.progress import StageLog, Timeline
+from shardkl.options import set_collective_timeout
 
-STAGES = ("ready", "computing", "done")
-"""Stages a worker reports, in order: process group up, computing, finished."""
+STAGES = ("ready", *EXPERIMENT_STAGES)
+"""Stages a worker reports, in order: its process group is up, then those of :func:`run_rank`."""
 
-TEST_KILL_ENV = "SHARDKL_RAY_TEST_KILL"
-"""Test hook, read by the driver: ``"RANK:STAGE"`` makes worker RANK SIGKILL itself on reaching STAGE (one of
-``ready``, ``computing``); ``"RANK:STAGE:hang"`` makes it sleep forever instead. Used by the failure tests."""
+StageHook = Callable[[int, str], None]
+"""``on_stage(rank, stage)``: run on a worker as it reaches each of :data:`STAGES`, after the board has recorded it."""
 
-_POLL_S = 0.5
+_POLL_S = 0.2
+
+
+def _collective_timeout_s(config: ExperimentConfig) -> int:
+    """80% of the job's timeout: a rank whose peer stalled reports it before the driver's own deadline fires."""
+    return max(1, math.floor(0.8 * config.timeout_s))
 
 
 class RayJobError(RuntimeError):
@@ -48,48 +56,35 @@ class RayJobError(RuntimeError):
 
 
 class ProgressBoard:
-    """Stage, pid and host of every worker of one job; a Ray actor created by :func:`run_on_ray`."""
+    """What every worker of one job has reached; a Ray actor created by :func:`run_on_ray`.
+
+    Each rank's entry holds its pid and host and the history of the stages it reached, each as
+    ``(stage, message, wall-clock time)``, so the driver can print every stage once, in order, with its own time,
+    however rarely it polls.
+    """
 
     def __init__(self) -> None:
         self._workers: dict[int, dict[str, Any]] = {}
 
-    def mark(self, rank: int, stage: str, pid: int, host: str) -> None:
-        self._workers[rank] = {"stage": stage, "pid": pid, "host": host, "time": time.time()}
+    def mark(self, rank: int, stage: str, message: str, pid: int, host: str, at: float) -> None:
+        entry = self._workers.setdefault(rank, {"pid": pid, "host": host, "history": []})
+        entry["history"].append((stage, message, at))
+        entry["stage"] = stage
 
     def snapshot(self) -> dict[int, dict[str, Any]]:
-        return dict(self._workers)
-
-
-def _parse_test_kill(value: str) -> tuple[int, str, str] | None:
-    if not value:
-        return None
-    parts = value.split(":")
-    if len(parts) < 2 or not parts[0].isdigit() or parts[1] not in STAGES[:2] or parts[2:] not in ([], ["hang"]):
-        raise ValueError(f"{TEST_KILL_ENV} must be RANK:STAGE[:hang] with STAGE in ready|computing, got {value!r}")
-    return int(parts[0]), parts[1], parts[2] if len(parts) == 3 else "kill"
-
-
-def _reach(stage: str, rank: int, board: Any, test_kill: tuple[int, str, str] | None) -> None:
-    """Record ``stage`` on the progress board, then fire the test hook if it targets this rank and stage."""
-    if board is not None:
-        import ray
-
-        ray.get(board.mark.remote(rank, stage, os.getpid(), socket.gethostname()), timeout=30)
-    if test_kill is not None and tuple(test_kill[:2]) == (rank, stage):
-        if test_kill[2] == "hang":
-            time.sleep(10**6)
-        os.kill(os.getpid(), signal.SIGKILL)
+        return {rank: {**entry, "history": list(entry["history"])} for rank, entry in self._workers.items()}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train per-worker function: :func:`shardkl.apps.experiment.run_rank` on the group Ray Train set up.
 
-    Ray pickles it by reference, so it lives in the package (a function defined in a script or test file is not
-    importable on the workers). Rank 0's return value becomes ``Result.return_value`` on the driver.
+    Ray pickles it by reference, so it lives in the package (a function defined in a script is not importable on
+    the workers). Rank 0's return value becomes ``Result.return_value`` on the driver.
 
     Args:
         config: ``{"experiment": dataclasses.asdict(ExperimentConfig), "use_gpu": bool, "board": ProgressBoard
-            actor handle or None, "test_kill": (rank, stage, action) or None}``, as built by :func:`run_on_ray`.
+            actor handle or None, "on_stage": StageHook or None, "progress_s": seconds between the progress lines
+            that rank 0 prints itself in local mode (no board), or None}``, as built by :func:`run_on_ray`.
 
     Returns:
         :func:`shardkl.apps.experiment.run_rank`'s result dictionary (the same on every rank).
@@ -98,8 +93,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import torch.distributed as dist
 
     experiment = ExperimentConfig(**config["experiment"])
+    # shardkl's collectives wait as long as the process group's (run_on_ray's TorchConfig)
+    set_collective_timeout(_collective_timeout_s(experiment))
     board = config.get("board")
-    test_kill = config.get("test_kill")
+    on_stage: StageHook | None = config.get("on_stage")
     rank = ray.train.get_context().get_world_rank()
     group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
     device = torch.device("cpu")
@@ -107,11 +104,67 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         import ray.train.torch
 
         device = ray.train.torch.get_device()
-    _reach("ready", rank, board, test_kill)
-    _reach("computing", rank, board, test_kill)
-    result = run_rank(experiment, group=group, device=device)
-    _reach("done", rank, board, None)
-    return result
+    log = None
+    if config.get("progress_s") is not None and rank == 0:
+        log = StageLog(interval_s=config["progress_s"])
+
+    def reach(stage: str, message: str) -> None:
+        if log is not None and stage != "ready":
+            log.stage(stage, message)
+        if board is not None:
+            import ray
+
+            ray.get(board.mark.remote(rank, stage, message, os.getpid(), socket.gethostname(), time.time()), timeout=30)
+        if on_stage is not None:
+            on_stage(rank, stage)
+
+    try:
+        reach("ready", "process group ready")
+        return run_rank(experiment, group=group, device=device, progress=reach)
+    finally:
+        if log is not None:
+            log.close()
+
+
+def quiet_ray_logging(verbose: bool) -> None:
+    """Ray's Python log lines in this process at INFO with ``verbose``, else only its errors; no colour codes on a
+    stream that is not a terminal.
+
+    Ray colours the lines it forwards (and its "[repeated Nx across cluster]" notes, whatever ``RAY_COLOR_PREFIX``
+    says) with colorama; colorama's own ``init()`` strips the codes from streams that are not terminals.
+    """
+    # importing Ray configures its logger (so the level is set after) and puts its copy of colorama on the path
+    import ray.train  # noqa: F401
+
+    logging.getLogger("ray").setLevel(logging.INFO if verbose else logging.ERROR)
+    try:
+        import colorama
+    except ImportError:  # a Ray without colorama colours nothing
+        return
+    colorama.init()
+
+
+def start_ray(address: str = "", *, verbose: bool = False) -> str:
+    """``ray.init`` for a launcher: join ``address`` (``auto``, ``HOST:PORT``, ``ray://…``) or, if empty, start an
+    embedded local instance (``address="local"``, so a ``ray start`` cluster on this machine is never joined by
+    accident).
+
+    Without ``verbose``, the workers' output and Ray's own messages stay in Ray's log files instead of being
+    forwarded to this process's stderr, and the driver logs only Ray's errors.
+
+    Returns:
+        The folder of Ray's log files for this session (on the head node when joining a cluster).
+    """
+    import ray
+
+    quiet_ray_logging(verbose)
+    level = logging.INFO if verbose else logging.ERROR
+    if address:
+        context = ray.init(address=address, log_to_driver=verbose, logging_level=level)
+    else:
+        context = ray.init(address="local", include_dashboard=False, log_to_driver=verbose, logging_level=level)
+    session = context.address_info.get("session_dir") or ""
+    return os.path.join(session, "logs") if session else "(unknown)"
 
 
 def _first_line(text: str, limit: int = 300) -> str:
@@ -162,6 +215,59 @@ def _stages(workers: dict[int, dict[str, Any]], num_workers: int) -> str:
     return ", ".join(f"rank {r}={workers[r]['stage'] if r in workers else 'starting'}" for r in range(num_workers))
 
 
+def _reached(workers: dict[int, dict[str, Any]], num_workers: int, stage: str) -> float | None:
+    """The wall-clock time at which the last of ``num_workers`` ranks reached ``stage``, or ``None`` if one has not."""
+    times = []
+    for rank in range(num_workers):
+        at = next((t for s, _, t in workers.get(rank, {}).get("history", []) if s == stage), None)
+        if at is None:
+            return None
+        times.append(at)
+    return max(times)
+
+
+class _Watcher:
+    """The driver's view of the board: prints each stage once, in order, and marks the run's timeline."""
+
+    def __init__(self, num_workers: int, log: StageLog, timeline: Timeline) -> None:
+        self.num_workers = num_workers
+        self.log = log
+        self.timeline = timeline
+        self.workers: dict[int, dict[str, Any]] = {}
+        self.shown_rank0 = 0
+        self.ready = self.finished = False
+        # worker times are wall-clock; the timeline's are perf_counter
+        self._offset = time.time() - time.perf_counter()
+
+    def _at(self, wall: float) -> float:
+        return min(wall - self._offset, time.perf_counter())
+
+    def update(self, workers: dict[int, dict[str, Any]]) -> bool:
+        """Take a new snapshot; returns whether any worker reached a new stage."""
+        changed = sum(len(w["history"]) for w in workers.values()) != sum(
+            len(w["history"]) for w in self.workers.values()
+        )
+        self.workers = workers
+        n = self.num_workers
+        ready_at = _reached(workers, n, "ready")
+        if not self.ready and ready_at is not None:
+            self.ready = True
+            after = self.timeline.mark("worker start", at=self._at(ready_at))
+            self.log.stage("running", f"workers ready ({n}/{n}) after {after:.1f} s")
+        if self.ready:
+            history = workers.get(0, {}).get("history", [])
+            for stage, message, _ in history[self.shown_rank0 :]:
+                if stage != "ready":
+                    self.log.stage(stage, message)
+            self.shown_rank0 = len(history)
+        done_at = _reached(workers, n, "done")
+        if self.ready and not self.finished and done_at is not None:
+            self.finished = True
+            after = self.timeline.mark("experiment", at=self._at(done_at))
+            self.log.stage("closing the Ray Train run", f"workers finished ({n}/{n}) after {after:.1f} s")
+        return changed
+
+
 def run_on_ray(
     config: ExperimentConfig,
     *,
@@ -170,7 +276,10 @@ def run_on_ray(
     cpus_per_worker: float = 1.0,
     storage_path: str | None = None,
     startup_timeout_s: float | None = None,
-    log: Callable[[str], None] | None = None,
+    log: StageLog | None = None,
+    timeline: Timeline | None = None,
+    on_stage: StageHook | None = None,
+    progress_s: float = 5.0,
 ) -> dict[str, Any]:
     """Run the experiment of :func:`shardkl.apps.experiment.run_rank` on ``num_workers`` Ray Train workers.
 
@@ -180,27 +289,32 @@ def run_on_ray(
 
     ``num_workers=0`` is Ray Train's local mode: no Ray cluster, :func:`train_loop_per_worker` runs in this
     process, and under ``torchrun`` Ray Train creates the process group from torchrun's environment (every
-    torchrun rank calls this function and gets the result). There is no progress board or driver deadline then;
-    collectives use torch's default timeout.
+    torchrun rank calls this function and gets the result). Rank 0 then prints its own progress lines; there is no
+    progress board or driver deadline, and collectives use torch's default timeout.
 
     Args:
         config: the experiment; ``config.timeout_s`` bounds the computation once the workers are up:
-            collectives time out after 80% of it, the driver gives up after all of it.
+            collectives time out after 80% of it, the driver gives up after all of it without progress.
         num_workers: Ray Train workers, one vocabulary shard each; 0 for local mode (see above).
         use_gpu: one GPU per worker and NCCL.
         cpus_per_worker: CPUs reserved per worker.
         storage_path: Ray Train's run storage (default: a temporary directory, removed afterwards).
         startup_timeout_s: how long the workers may take to start, e.g. while the cluster scales up (default: the
             larger of 120 s and ``config.timeout_s``).
-        log: called with one progress line per stage (default: print to stderr).
+        log: where the driver's progress lines go (default: a :class:`StageLog` on stderr, closed on return).
+        timeline: marked with ``worker start``, ``experiment`` and ``Ray Train teardown``; its start is the zero of
+            the ``after N s`` times (default: a new one, started now).
+        on_stage: run on each worker as it reaches each of :data:`STAGES` (pickled to the workers; the failure tests
+            kill or stall a worker from here).
+        progress_s: seconds between the progress lines of a long stage in local mode (the default ``log`` uses it too).
 
     Returns:
         The result dictionary of :func:`shardkl.apps.experiment.run_rank` (rank 0's, the same on every rank).
 
     Raises:
-        ValueError: a bad argument or test hook, before anything starts.
+        ValueError: a bad argument, before anything starts.
         RayJobError: a worker died, raised or timed out; one line naming the rank(s) and the cause, raised
-            within about ``config.timeout_s`` of the stage that failed. When the driver's own deadline fires, the
+            within about ``config.timeout_s`` of the last progress. When the driver's own deadline fires, the
             abandoned Ray Train run is only stopped by ``ray.shutdown()`` or the driver's exit (as the launcher
             does).
     """
@@ -213,10 +327,8 @@ def run_on_ray(
     backend = config.backend if config.backend != "auto" else ("nccl" if use_gpu else "gloo")
     if backend == "nccl" and not use_gpu:
         raise ValueError("backend nccl needs GPU workers (use_gpu=True)")
-    test_kill = _parse_test_kill(os.environ.get(TEST_KILL_ENV, ""))
     startup_limit = startup_timeout_s if startup_timeout_s is not None else max(120.0, config.timeout_s)
-    say = log or (lambda message: print(f"[shardkl] {message}", file=sys.stderr, flush=True))
-
+    own_log = log is None
     local_mode = num_workers == 0
     board = None if local_mode else ray.remote(num_cpus=0)(ProgressBoard).remote()
     resources = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
@@ -228,7 +340,8 @@ def run_on_ray(
             "experiment": dataclasses.asdict(config),
             "use_gpu": use_gpu,
             "board": board,
-            "test_kill": test_kill,
+            "on_stage": on_stage,
+            "progress_s": progress_s if local_mode else None,
         },
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -237,7 +350,7 @@ def run_on_ray(
             failure_config=FailureConfig(max_failures=0),
         ),
         # collectives time out first, so that the rank that saw the timeout reports it before the driver's deadline
-        torch_config=TorchConfig(backend=backend, timeout_s=max(1, math.floor(0.8 * config.timeout_s))),
+        torch_config=TorchConfig(backend=backend, timeout_s=_collective_timeout_s(config)),
     )
     if local_mode:
         try:
@@ -245,6 +358,8 @@ def run_on_ray(
         finally:
             if own_storage:
                 shutil.rmtree(storage, ignore_errors=True)
+    log = log or StageLog(interval_s=progress_s)
+    timeline = timeline or Timeline()
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -253,54 +368,52 @@ def run_on_ray(
         except BaseException as exc:  # handed to the watching thread
             outcome["error"] = exc
 
-    say(f"starting {num_workers} {'GPU' if use_gpu else 'CPU'} worker(s), backend {backend}")
+    log.stage("starting workers", f"starting {num_workers} {'GPU' if use_gpu else 'CPU'} worker(s), backend {backend}")
     thread = threading.Thread(target=fit, name="shardkl-ray-fit", daemon=True)
-    start = time.monotonic()
+    watcher = _Watcher(num_workers, log, timeline)
     thread.start()
-    workers: dict[int, dict[str, Any]] = {}
-    shown: set[str] = set()
-    stage_start = start
+    last_progress = time.monotonic()
     try:
         while thread.is_alive():
             thread.join(_POLL_S)
             try:
-                workers = ray.get(board.snapshot.remote(), timeout=10)
+                if watcher.update(ray.get(board.snapshot.remote(), timeout=10)):
+                    last_progress = time.monotonic()
             except ray.exceptions.GetTimeoutError:
                 continue
-            reached = [sum(STAGES.index(w["stage"]) >= STAGES.index(s) for w in workers.values()) for s in STAGES]
-            for stage, count, label in zip(STAGES, reached, ("workers ready", "computing", "done"), strict=True):
-                if count == num_workers and stage not in shown:
-                    shown.add(stage)
-                    stage_start = time.monotonic()
-                    say(f"{label} ({num_workers}/{num_workers}) after {stage_start - start:.1f} s")
-            started = "ready" in shown
-            limit = config.timeout_s if started else startup_limit
-            if thread.is_alive() and time.monotonic() - stage_start > limit:
-                behind = [r for r in range(num_workers) if r not in workers or workers[r]["stage"] != "done"]
-                if not started:
+            limit = config.timeout_s if watcher.ready else startup_limit
+            if thread.is_alive() and time.monotonic() - last_progress > limit:
+                workers = watcher.workers
+                if not watcher.ready:
                     raise RayJobError(
                         f"workers did not start within {limit:g} s: rank(s) "
-                        f"{', '.join(str(r) for r in range(num_workers) if r not in workers)} not ready "
-                        f"(asked for {num_workers} x {resources}; available: {ray.available_resources()})"
+                        f"{', '.join(str(r) for r in range(num_workers) if workers.get(r, {}).get('stage') is None)} "
+                        f"not ready (asked for {num_workers} x {resources}; available: {ray.available_resources()})"
                     )
+                behind = [r for r in range(num_workers) if workers.get(r, {}).get("stage") != "done"]
                 raise RayJobError(
-                    f"timed out after {limit:g} s: no progress from rank(s) "
+                    f"timed out after {limit:g} s without progress from rank(s) "
                     f"{', '.join(map(str, behind))} ({_stages(workers, num_workers)})"
                 )
+        try:
+            watcher.update(ray.get(board.snapshot.remote(), timeout=10))
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            pass
         if "error" in outcome:
-            try:
-                workers = ray.get(board.snapshot.remote(), timeout=10)
-            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
-                pass
             raise RayJobError(
-                f"{_describe_failure(outcome['error'], workers, num_workers)} ({_stages(workers, num_workers)})"
+                f"{_describe_failure(outcome['error'], watcher.workers, num_workers)} "
+                f"({_stages(watcher.workers, num_workers)})"
             ) from outcome["error"]
         result = outcome["result"].return_value
         if not isinstance(result, dict):
             raise RayJobError(f"rank 0 returned no result (got {type(result).__name__})")
-        say(f"finished in {time.monotonic() - start:.1f} s")
+        after = timeline.mark("Ray Train teardown")
+        log.end_stage(f"Ray Train run closed after {after:.1f} s")
         return result
     finally:
+        log.end_stage()
+        if own_log:
+            log.close()
         ray.kill(board)
         if own_storage:  # also after a driver timeout: the run is abandoned, nothing in it is needed
             shutil.rmtree(storage, ignore_errors=True)

@@ -1,13 +1,8 @@
-"""Tensor-parallel GRPO step (column-parallel Llama lm_head on gloo ranks) against the one-process run."""
+"""Tensor-parallel GRPO step (column-parallel Llama lm_head on gloo ranks) against the one-process run; its table."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,11 +11,18 @@ import torch.distributed as dist
 pytest.importorskip("transformers")
 
 import shardkl  # noqa: E402
-from shardkl.apps.grpo import TPConfig, build_policy_and_reference, grpo_step, rollout  # noqa: E402
+from shardkl.apps.grpo import (  # noqa: E402
+    STEP_COLUMNS,
+    StepResult,
+    TPConfig,
+    build_policy_and_reference,
+    format_steps,
+    grpo_step,
+    rollout,
+)
 from tests._distributed import run_ranks  # noqa: E402
 from tests.reference import reference  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 CONFIG = TPConfig(vocab_size=1003, hidden_size=64, layers=2, prompts=2, group_size=3, response_len=8, steps=2)
 
 
@@ -66,17 +68,22 @@ def _check_parity(rank: int, world: int, config: TPConfig) -> None:
             else:
                 _assert_close(param.grad, full.grad, f"{name}.grad step {step}")
                 _assert_close(param.detach(), full.detach(), f"{name} step {step}")
+        # the loss is what its columns say it is
+        assert got.kl_term == pytest.approx(config.kl_coef * got.kl_estimate, rel=1e-12)
+        assert got.loss == pytest.approx(got.policy_loss + got.kl_term, rel=1e-5, abs=1e-7)
+        if config.estimator == "exact":
+            assert got.kl_estimate == pytest.approx(got.exact_kl, rel=1e-5, abs=1e-9)
         if step == 0:
-            assert got.kl_penalty == 0.0, "the policy starts as the reference"
+            assert got.kl_estimate == 0.0 and got.exact_kl == 0.0, "the policy starts as the reference"
             assert torch.count_nonzero(tp_policy.head.weight.grad) > 0
-        # the KL after the step: > 0, equal to the one-process value and to a float64 textbook reference
-        assert got.exact_kl_after > 1e-3
+        # the KL after the step, on the same batch: > 0, equal to the one-process value and to a float64 textbook
+        assert got.exact_kl_after_update > 1e-3
         ids, mask, _ = one_batch
         with torch.no_grad():
             p_logits = one_policy(ids)[:, config.prompt_len - 1 : -1, :valid].double()
             q_logits = one_reference(ids)[:, config.prompt_len - 1 : -1, :valid].double()
         textbook = (reference(p_logits, q_logits)["exact_kl"] * mask).sum() / mask.sum()
-        assert got.exact_kl_after == pytest.approx(textbook.item(), rel=1e-4)
+        assert got.exact_kl_after_update == pytest.approx(textbook.item(), rel=1e-4)
 
 
 @pytest.mark.parametrize("estimator", ["exact", "k3+"])
@@ -84,24 +91,26 @@ def test_tp_grpo_step_matches_one_process(estimator: str) -> None:
     run_ranks(_check_parity, 2, dataclasses.replace(CONFIG, estimator=estimator))
 
 
-@pytest.mark.slow
-def test_train_tp_under_torchrun(tmp_path: Path) -> None:
-    out = tmp_path / "result.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        str(ROOT / "launch" / "train_tp.py"), "--config", str(ROOT / "configs" / "tp" / "train_tp.toml"),
-        "--steps", "2", "--verify", "--json", str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "exact_kl_after" in proc.stdout
-    result = json.loads(out.read_text())
-    # the command line (steps=2) wins over the file (steps=3), the file (response_len=10) over the defaults (12)
-    assert result["world_size"] == 2 and len(result["steps"]) == 2
-    assert result["config"]["response_len"] == 10 and result["config"]["estimator"] == "exact"
-    assert result["steps"][0]["kl_penalty"] == 0.0
-    assert all(step["exact_kl_after"] > 1e-3 for step in result["steps"])
-    verify = result["verify"]
-    assert verify["max_rel_diff_scalars"] < 1e-4, verify
-    assert verify["max_abs_diff_grads"] < 1e-5 and verify["max_abs_diff_weights"] < 1e-5, verify
+def test_steps_table_names_its_columns_and_explains_them_under_it() -> None:
+    results = [StepResult(0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.2), StepResult(1, 0.51, 0.5, 0.01, 0.1, 0.1, 0.3)]
+    text = format_steps(results, CONFIG)
+    lines = text.splitlines()
+    assert lines[0].split() == list(STEP_COLUMNS) == [f.name for f in dataclasses.fields(StepResult)]
+    assert lines[2].split() == ["1", "0.51", "0.5", "0.01", "0.1", "0.1", "0.3"]
+    assert f"kl_coef={CONFIG.kl_coef}  estimator={CONFIG.estimator}  reduction={CONFIG.reduction}" in text
+    legend = " ".join(text.split())
+    for name, meaning in STEP_COLUMNS.items():
+        assert f"{name}: {meaning}" in legend
+    assert max(len(line) for line in lines) <= 112
+    assert "kl_coef * kl_estimate" in STEP_COLUMNS["kl_term"]
+    assert "same batch" in STEP_COLUMNS["exact_kl_after_update"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [({"group_size": 1}, "group_size must be >= 2"), ({"heads": 3}, "hidden_size must be a multiple of heads"),
+     ({"steps": 0}, "steps must be >= 1")],
+)
+def test_bad_tp_config_raises_value_error(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TPConfig(**changes)
