@@ -149,50 +149,59 @@ struct Leaf {
 
 // Stats of one leaf of at most MAX_CHUNK columns (leaf_stats of shardkl/_stats.py). ea, eb: scratch rows of
 // round_up(n, W) floats. next_a, next_b: the same columns of the next row, prefetched into cache (or null).
+// (two inputs and the temperature scaling are template arguments, so that the loops have no branches on them and
+// the compiler interleaves the two inputs' independent exponentials)
+template <bool two, bool scale>
 Leaf leaf(const TA* a, const TB* b, int64_t n, float inv_t, int64_t flags, float* ea, float* eb, const TA* next_a,
           const TB* next_b) {
-  const bool two = flags & TWO, want_ent = flags & WANT_ENT, scale = flags & SCALE;
+  const bool want_ent = flags & WANT_ENT;
   const Vec it(inv_t);
   // pass 1: the maxima, without propagating NaN (the running max keeps its value past a NaN, or becomes NaN and
   // moves on): a NaN still turns the sums of pass 2 into NaN (exp(NaN)) and with them the lse, except where the
   // max is +inf, and that (rare) leaf is searched for NaN.
   Vec vma(-INF), vmb(-INF);
-  for (int64_t j = 0; j < n; j += W) {
-    const int64_t c = std::min(W, n - j);
+  auto maxima = [&](int64_t j, int64_t c) {
     Vec x = load(a + j, c);
-    x = scale ? x * it : x;
-    vma = max_or_second(x, vma);
+    vma = max_or_second(scale ? x * it : x, vma);
     if (two) {
       Vec y = load(b + j, c);
-      y = scale ? y * it : y;
-      vmb = max_or_second(y, vmb);
+      vmb = max_or_second(scale ? y * it : y, vmb);
     }
-  }
+  };
+  int64_t j = 0;
+  for (; j + W <= n; j += W) maxima(j, W);
+  if (j < n) maxima(j, n - j);
   float ma = reduce_max(vma), mb = two ? reduce_max(vmb) : 0.0f;
   if (ma == INF && has_nan(a, n)) ma = std::numeric_limits<float>::quiet_NaN();
   if (two && mb == INF && has_nan(b, n)) mb = std::numeric_limits<float>::quiet_NaN();
   // a leaf without mass is shifted by 0, not by -inf (-inf - -inf = NaN)
   const Vec ma_shift(ma == -INF ? 0.0f : ma), mb_shift(mb == -INF ? 0.0f : mb);
-  // pass 2: e = exp(x - max) into the scratch rows, and the sums s
+  // pass 2: e = exp(x - max) into the scratch rows, and the sums s. Prefetching the current row when there is no
+  // next one is harmless and keeps the loop free of branches.
+  const TA* pre_a = next_a ? next_a : a;
+  const TB* pre_b = next_b ? next_b : b;
   double sa = 0.0, sb = 0.0;
   for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {
     const int64_t j1 = std::min(n, j0 + BLOCK);
     Vec acc_a(0.0f), acc_b(0.0f);
-    for (int64_t j = j0; j < j1; j += W) {
-      const int64_t c = std::min(W, j1 - j);
+    auto body = [&](int64_t j, int64_t c) {
       Vec x = load(a + j, c);
       Vec e = exp_((scale ? x * it : x) - ma_shift);
       e.store(ea + j);
       acc_a = acc_a + e;
-      if (next_a) prefetch(next_a + j);
-      if (next_b) prefetch(next_b + j);
+      prefetch(pre_a + j);
       if (two) {
+        prefetch(pre_b + j);
         Vec y = load(b + j, c);
         Vec f = exp_((scale ? y * it : y) - mb_shift);
         f.store(eb + j);
         acc_b = acc_b + f;
       }
-    }
+    };
+    // full vectors (the width a constant, so no tail handling inside), then the tail
+    j = j0;
+    for (; j + W <= j1; j += W) body(j, W);
+    if (j < j1) body(j, j1 - j);
     sa += reduce_sum(acc_a);
     if (two) sb += reduce_sum(acc_b);
   }
@@ -216,8 +225,7 @@ Leaf leaf(const TA* a, const TB* b, int64_t n, float inv_t, int64_t flags, float
   for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {
     const int64_t j1 = std::min(n, j0 + BLOCK);
     Vec acc_ent(0.0f), acc_kl(0.0f);
-    for (int64_t j = j0; j < j1; j += W) {
-      const int64_t c = std::min(W, j1 - j);
+    auto body = [&](int64_t j, int64_t c) {
       Vec e = Vec::loadu(ea + j);
       Vec x = load(a + j, c);
       x = scale ? x * it : x;
@@ -236,7 +244,10 @@ Leaf leaf(const TA* a, const TB* b, int64_t n, float inv_t, int64_t flags, float
         Vec term = select(small, p * (d * d) * gap_series(d), q - at::vec::fmadd(p, d, p));
         acc_kl = acc_kl + select(p_zero, q, term);
       }
-    }
+    };
+    j = j0;
+    for (; j + W <= j1; j += W) body(j, W);
+    if (j < j1) body(j, j1 - j);
     ent += reduce_sum(acc_ent);
     kl += reduce_sum(acc_kl);
   }
@@ -304,8 +315,11 @@ void forward(const TA* a, const TB* b, float* out, float* scratch, int64_t rows,
       for (int64_t c0 = 0; c0 < cols; c0 += chunk) {
         const int64_t n = std::min(chunk, cols - c0);
         // the next row's columns are fetched while this row computes (passes 2 and 3 are compute-bound)
-        leaves.push_back(leaf(ar + c0, br + c0, n, inv_t, flags, ea, eb, last ? nullptr : ar + stride_a + c0,
-                              last || !two ? nullptr : br + stride_b + c0));
+        const TA* next_a = last ? nullptr : ar + stride_a + c0;
+        const TB* next_b = last || !two ? nullptr : br + stride_b + c0;
+        const bool scale = flags & SCALE;
+        auto run = two ? (scale ? leaf<true, true> : leaf<true, false>) : (scale ? leaf<false, true> : leaf<false, false>);
+        leaves.push_back(run(ar + c0, br + c0, n, inv_t, flags, ea, eb, next_a, next_b));
       }
       const Leaf s = leaves.size() == 1 ? leaves[0] : merge(leaves, two);
       out[r] = static_cast<float>(s.la);
@@ -318,10 +332,11 @@ void forward(const TA* a, const TB* b, float* out, float* scratch, int64_t rows,
   }
 }
 
+// (two inputs and the temperature scaling are template arguments, as for leaf())
+template <bool two, bool scale>
 void backward(const TA* a, const TB* b, TA* grad_a, TB* grad_b, const float* vecs, const int64_t* token_cols,
               int64_t rows, int64_t cols, int64_t stride_a, int64_t stride_b, float inv_t, int64_t flags,
               int64_t threads) {
-  const bool two = flags & TWO, scale = flags & SCALE;
   const bool has_kl = two && (flags & HAS_GRAD_KL), has_ent = flags & HAS_GRAD_ENT;
   const bool has_logp = flags & HAS_GRAD_LOGP, has_logq = two && (flags & HAS_GRAD_LOGQ);
   const bool write_a = flags & WRITE_A, write_b = two && (flags & WRITE_B);
@@ -340,8 +355,7 @@ void backward(const TA* a, const TB* b, TA* grad_a, TB* grad_b, const float* vec
     const int64_t token = token_cols && (has_logp || has_logq) ? token_cols[r] : -1;
     const TA* ar = a + r * stride_a;
     const TB* br = b + r * stride_b;
-    for (int64_t j = 0; j < cols; j += W) {
-      const int64_t c = std::min(W, cols - j);
+    auto body = [&](int64_t j, int64_t c) {
       Vec x = load(ar + j, c);
       Vec log_p = (scale ? x * it : x) - lse_a;
       Vec p = exp_(log_p);
@@ -366,7 +380,10 @@ void backward(const TA* a, const TB* b, TA* grad_a, TB* grad_b, const float* vec
         if (write_b) store(grad_b + r * cols + j, scale ? gb * it : gb, c);
       }
       if (write_a) store(grad_a + r * cols + j, scale ? ga * it : ga, c);
-    }
+    };
+    int64_t j = 0;
+    for (; j + W <= cols; j += W) body(j, W);
+    if (j < cols) body(j, cols - j);
   }
 }
 
@@ -380,8 +397,11 @@ extern "C" void kernel(const void* a, const void* b, void* grad_a, void* grad_b,
   const TA* pa = static_cast<const TA*>(a);
   const TB* pb = static_cast<const TB*>(b);
   if (flags & BACKWARD) {
-    backward(pa, pb, static_cast<TA*>(grad_a), static_cast<TB*>(grad_b), vecs, token_cols, rows, cols, stride_a,
-             stride_b, inv_t, flags, threads);
+    const bool two = flags & TWO, scale = flags & SCALE;
+    auto run = two ? (scale ? backward<true, true> : backward<true, false>)
+                   : (scale ? backward<false, true> : backward<false, false>);
+    run(pa, pb, static_cast<TA*>(grad_a), static_cast<TB*>(grad_b), vecs, token_cols, rows, cols, stride_a, stride_b,
+        inv_t, flags, threads);
   } else {
     forward(pa, pb, out, scratch, rows, cols, stride_a, stride_b, inv_t, flags, threads);
   }
