@@ -54,7 +54,7 @@ def local_stats(
     entropy: bool = True,
 ) -> Tensor:
     """Per-token stats of this rank's vocabulary slice, ``[num_stats, rows]``."""
-    impl = kernels.resolve("eager", a.device, 0) if impl is None else impl
+    impl = kernels.resolve("eager", a.device, dtype, 0) if impl is None else impl
     vocab = a.shape[-1]
     rows = a.numel() // vocab if vocab else int(torch.tensor(a.shape[:-1]).prod())
     if vocab == 0 or rows == 0:
@@ -234,7 +234,7 @@ class ShardedStatsFunction(torch.autograd.Function):
         dtype = compute_dtype(a, b)
         lead_shape = a.shape[:-1]
         temperature, layout = spec.temperature, spec.layout
-        impl = kernels.resolve(spec.options.impl, a.device, a.numel())
+        impl = kernels.resolve(spec.options.impl, a.device, dtype, a.numel())
         stats = local_stats(a, b, temperature, dtype, impl, entropy=spec.entropy)
         rows = stats.shape[1]
         flat_tokens = None if tokens is None else tokens.reshape(-1)

@@ -147,7 +147,7 @@ class FusedStatsFunction(torch.autograd.Function):
         dtype = compute_dtype(a_logits, a_hidden, a_weight, b_logits, b_hidden, b_weight)
         device = (a_logits if a_logits is not None else a_hidden).device  # type: ignore[union-attr]
         rows, vocab, temperature = side_a.rows, side_a.vocab, spec.temperature
-        impl = kernels.resolve(spec.options.impl, device, rows * vocab)
+        impl = kernels.resolve(spec.options.impl, device, dtype, rows * vocab)
         row_block, col_block = _tiles(rows, vocab)
         stats = _empty_stats(two, rows, dtype, device)
         for c0 in range(0, vocab, col_block):

@@ -37,9 +37,15 @@ def tiles(rows: int, vocab: int, elements: int | None = None) -> Iterator[tuple[
         yield slice(r, min(r + rows_chunk, rows)), col_slices
 
 
-def leaf(a: Tensor, b: Tensor | None, temperature: float, dtype: torch.dtype) -> Tensor:
+def leaf(a: Tensor, b: Tensor | None, temperature: float, dtype: torch.dtype, *, entropy: bool = True) -> Tensor:
     """Leaf stats of one raw tile with eager PyTorch ops."""
-    return _stats.leaf_stats(scaled(a, dtype, temperature), None if b is None else scaled(b, dtype, temperature))
+    return _stats.leaf_stats(
+        scaled(a, dtype, temperature), None if b is None else scaled(b, dtype, temperature), entropy=entropy
+    )
+
+
+def _leaf_without_entropy(a: Tensor, b: Tensor | None, temperature: float, dtype: torch.dtype) -> Tensor:
+    return leaf(a, b, temperature, dtype, entropy=False)
 
 
 def tile_grads(
@@ -105,7 +111,7 @@ def tiled_grads(
 
 def stats(a: Tensor, b: Tensor | None, *, temperature: float, dtype: torch.dtype, entropy: bool = True) -> Tensor:
     """Stats of a ``[rows, V_local]`` block (see :class:`shardkl.kernels.Kernels`)."""
-    return tiled_stats(leaf, a, b, temperature=temperature, dtype=dtype)
+    return tiled_stats(leaf if entropy else _leaf_without_entropy, a, b, temperature=temperature, dtype=dtype)
 
 
 def grads(

@@ -1,21 +1,23 @@
-"""The engine's chunk math as hand-written Triton kernels (CUDA; CPU only under ``TRITON_INTERPRET=1``).
+"""Hand-written Triton kernels for ``impl="triton"`` (CUDA; CPU only under ``TRITON_INTERPRET=1``, for tests).
 
-Both kernels run one program per row of a ``[rows, cols]`` chunk and walk the row in ``BLOCK``-wide column
-tiles, loading the logits in their own dtype (fp32/bf16/fp16) and accumulating in fp32:
+One launch per call and pass: the grid has one program per row of the whole ``[rows, V_local]`` block, and each
+program streams its row's vocabulary in ``BLOCK``-wide tiles, loading the logits in their own dtype
+(fp32/bf16/fp16) and accumulating in fp32. ``BLOCK`` and ``num_warps`` come from ``triton.autotune`` (keyed on
+the vocabulary width and the variant); tests and the interpreter pass a ``block`` explicitly.
 
-- ``_leaf_kernel`` (forward) makes two passes over the row. Pass 1 is an online log-sum-exp of ``a`` (and
-  ``b``): a running max ``m`` and a running sum ``s`` of ``exp(x - m)``, rescaled by ``exp(m_old - m_new)``
-  whenever a tile raises the max (as in flash-attention / Liger). Pass 2 re-reads the row with the final
-  ``m`` and ``log s`` and sums the entropy ``-sum P log P`` and the KL in its cancellation-free g-form
-  ``sum P_v g(x_v)``, ``g(x) = x + expm1(-x)``, ``x = log P_v - log Q_v``, plus the mass of Q where P
-  underflows to 0 (the limit of ``P g(x)`` there). These are exactly the formulas of
-  ``shardkl._stats.leaf_stats``, so results agree with the eager path to fp32 rounding.
-- ``_grads_kernel`` (backward) makes one pass: P and Q are recomputed per element from the saved global
-  log-sum-exps, and the terms of ``shardkl._stats.chunk_grads`` that are present (``tl.constexpr`` flags)
-  are summed and scaled by ``1/T``.
+- ``_stats_kernel`` (forward) reads each logit from memory **once**: every tile is a leaf of the stats monoid of
+  ``shardkl._stats`` (its max, ``exp(x - max)`` held in registers, their sums, and from those the tile's KL in
+  g-form and entropy, with no further transcendental), and is merged into the row's running stats by the chain
+  rule (in float64), as the engine merges vocabulary chunks and ranks. Two exponentials per pair of logits, plus a
+  few scalar ones per tile for the merge. The KL integrand ``g = e^d - 1 - d`` (``d = log Q - log P``) is a series for
+  ``|d| < 0.5`` and ``Q - P - P d`` above, so a tiny KL keeps its digits without ``expm1`` (which Triton lacks).
+- ``_grads_kernel`` (backward) makes one pass: P and Q recomputed per element from the saved global
+  log-sum-exps, the terms of ``shardkl._stats.chunk_grads`` that are present (``tl.constexpr`` flags) summed,
+  scaled by ``1/T`` and stored in the gradient's dtype.
 
-Rows are independent programs, so a row of ``-inf``, NaN or ``+inf`` logits cannot disturb another row.
-Compute dtypes other than fp32 (fp64) and empty chunks use the eager functions.
+Rows are independent programs, so a row of ``-inf``, NaN or ``+inf`` logits cannot disturb another row; the
+lse of a row holding NaN is NaN and of one holding ``+inf`` is ``+inf``, as the engine's checks expect.
+Float64 compute and empty blocks use the eager kernels.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from shardkl import _stats
 from shardkl.kernels import GradInputs, Kernels, eager
 
 try:
@@ -35,16 +38,10 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-# widest column tile; a row is walked in tiles of min(next_pow2(cols), MAX_BLOCK) columns
-MAX_BLOCK = 2048
-
-
-def _block(cols: int) -> int:
-    return int(min(triton.next_power_of_2(cols), MAX_BLOCK))
-
-
-def _num_warps(block: int) -> int:
-    return 8 if block >= 2048 else 4
+# (BLOCK, num_warps) tried by the autotuner; every one is compiled ahead of time for sm_80 and sm_90 in the tests
+CONFIGS: tuple[tuple[int, int], ...] = ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 16))
+# tile width when no autotuner runs (the interpreter)
+DEFAULT_BLOCK = 1024
 
 
 if triton is not None:
@@ -80,29 +77,33 @@ if triton is not None:
         tl.store(out_ptr + offs, _exp_gap(d), mask=mask)
 
     @triton.jit
-    def _online_lse(x_ptr, cols, temperature, BLOCK: tl.constexpr):
-        """Pass 1 over one row: ``(m, s, log s, lse, has_nan)``, ``s = sum exp(x - m)``, online across tiles."""
-        m = float("-inf")
-        s = 0.0
-        nans = 0
-        for start in range(0, cols, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            x = tl.load(x_ptr + offs, mask=offs < cols, other=float("-inf")).to(tl.float32) / temperature
-            nans += tl.sum((x != x).to(tl.int32), axis=0)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            # a still-empty row keeps m = -inf; shift by 0 then, not by -inf (-inf - -inf = NaN)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            # online merge: rescale the old sum to the new max, add this tile's exp(x - m_new)
-            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
-            m = m_new
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        log_s = tl.log(s)
-        # +inf logits report lse = +inf (their sums are NaN); a row without mass has log s = -inf, lse = -inf
-        lse = tl.where(m == float("inf"), m, m_safe + log_s)
-        return m_safe, s, log_s, lse, nans > 0
+    def _no_mass_to_zero(x):
+        # a group without mass has lse -inf; shift by 0 instead (-inf - -inf would be NaN)
+        return tl.where(x == float("-inf"), 0.0, x)
 
     @triton.jit
-    def _leaf_kernel(
+    def _bad(x):
+        """Bit 1: the tile holds a NaN; bit 2: a +inf."""
+        nan = tl.max(tl.where(x != x, 1, 0), axis=0)
+        pos_inf = tl.max(tl.where(x == float("inf"), 2, 0), axis=0)
+        return nan | pos_inf
+
+    @triton.jit
+    def _tile_softmax(x):
+        """``(lse, log_p, e, inv_s)`` of one tile: ``e = exp(x - max)``, ``P = e * inv_s``, ``log P = x - lse``."""
+        m = tl.max(x, axis=0)
+        shift = _no_mass_to_zero(m)
+        e = tl.exp(x - shift)
+        s = tl.sum(e, axis=0)
+        log_s = tl.log(s)
+        # a tile without mass: lse -inf, log P -inf (shift by +inf, not by -inf)
+        lse = shift + log_s
+        log_p = x - tl.where(s == 0.0, float("inf"), lse)
+        inv_s = 1.0 / tl.where(s == 0.0, 1.0, s)
+        return lse, log_p, e, inv_s
+
+    @triton.jit
+    def _stats_kernel(
         a_ptr,
         b_ptr,
         out_ptr,
@@ -110,51 +111,81 @@ if triton is not None:
         cols,
         stride_a,
         stride_b,
-        temperature,
+        inv_t,
         HAS_B: tl.constexpr,
+        ENTROPY: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """Stats ``(la, ent[, lb, kl])`` of one row: online lse pass, then the g-form pass."""
+        """Stats ``(la, ent[, lb, kl])`` of one row in one pass: a leaf per tile, merged by the chain rule."""
         row = tl.program_id(0).to(tl.int64)
         a_row = a_ptr + row * stride_a
-        # the logits are divided by T, as the eager a.to(fp32) / T does
-        ma, sa, log_sa, la, nan_a = _online_lse(a_row, cols, temperature, BLOCK)
-        ent = 0.0
-        if HAS_B:
-            b_row = b_ptr + row * stride_b
-            mb, sb, log_sb, lb, nan_b = _online_lse(b_row, cols, temperature, BLOCK)
-            kl = 0.0
-            outside = 0.0
+        b_row = b_ptr + row * stride_b
+        # running stats of the columns so far (the empty group: no mass, zero entropy and KL), in float64: a few
+        # scalar operations per tile, but in fp32 the rounding of ~100 merges reaches 6e-6 of a KL of 5e-3
+        la = tl.full((), float("-inf"), tl.float64)
+        lb = tl.full((), float("-inf"), tl.float64)
+        ent = tl.full((), 0.0, tl.float64)
+        kl = tl.full((), 0.0, tl.float64)
+        bad_a = 0  # NaN (1) / +inf (2) seen
+        bad_b = 0
         for start in range(0, cols, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < cols
-            a = tl.load(a_row + offs, mask=mask, other=float("-inf")).to(tl.float32) / temperature
-            shifted_a = a - ma
-            ea = tl.exp(shifted_a)
-            # P = exp(a - m) / s, the eager split; a row without mass gets log P = -inf, P = 0
-            log_p = tl.where(log_sa == float("-inf"), float("-inf"), shifted_a - log_sa)
-            p = ea / tl.where(sa == 0.0, 1.0, sa)
-            # 0 log 0 = 0: `where` keeps out the NaN of 0 * -inf (a NaN input still gets through)
-            ent -= tl.sum(tl.where(ea == 0.0, 0.0, p * log_p), axis=0)
+            a = tl.load(a_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+            bad_a = bad_a | _bad(a)
+            t_la, log_p, ea, inv_sa = _tile_softmax(a)
+            t_la = t_la.to(tl.float64)
+            p = ea * inv_sa
+            p_zero = ea == 0.0
+            # merge of the running group (1) and this tile (2): shares of P's mass, log w = la_i - la
+            new_la = tl.maximum(la, t_la) + tl.log(1.0 + tl.exp(-tl.abs(la - t_la)))
+            new_la = tl.where(tl.maximum(la, t_la) == float("-inf"), float("-inf"), new_la)
+            log_w1 = la - _no_mass_to_zero(new_la)
+            log_w2 = t_la - _no_mass_to_zero(new_la)
+            w1 = tl.exp(log_w1)
+            w2 = tl.exp(log_w2)
+            if ENTROPY:
+                # 0 log 0 = 0: `where` keeps out the NaN of 0 * -inf
+                t_ent = -tl.sum(tl.where(p_zero, 0.0, p * log_p), axis=0).to(tl.float64)
+                ent = tl.where(w1 == 0.0, 0.0, w1 * (ent - log_w1)) + tl.where(w2 == 0.0, 0.0, w2 * (t_ent - log_w2))
             if HAS_B:
-                b = tl.load(b_row + offs, mask=mask, other=float("-inf")).to(tl.float32) / temperature
-                shifted_b = b - mb
-                eb = tl.exp(shifted_b)
-                log_q = tl.where(log_sb == float("-inf"), float("-inf"), shifted_b - log_sb)
-                x = log_p - log_q
-                # P g(x) = P x - P + Q >= 0, g(x) = x + expm1(-x) = exp_gap(-x): no cancellation for tiny KL
-                kl += tl.sum(tl.where(ea == 0.0, 0.0, p * _exp_gap(-x)), axis=0)
-                # where P underflows to 0 the term's limit is Q_v: sum exp(b - m_b) there, divide by s_b below
-                outside += tl.sum(tl.where(ea == 0.0, eb, 0.0), axis=0)
-        # NaN logits make lse NaN, so the engine can report the row
-        la = tl.where(nan_a, float("nan"), la)
-        tl.store(out_ptr + row, la)
-        tl.store(out_ptr + rows + row, ent)
+                b = tl.load(b_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+                bad_b = bad_b | _bad(b)
+                t_lb, log_q, eb, inv_sb = _tile_softmax(b)
+                t_lb = t_lb.to(tl.float64)
+                q = eb * inv_sb
+                # P g(x), x = log P - log Q, d = -x: P (e^d - 1 - d) = Q - P - P d, or P d^2 (series) for small
+                # |d|, where Q - P - P d would lose a tiny KL's digits; where P is 0 the term's limit is Q
+                d = log_q - log_p
+                small = tl.abs(d) < 0.5
+                ds = tl.where(small, d, 0.0)
+                series = 1.0 / 40320.0
+                series = series * ds + 1.0 / 5040.0
+                series = series * ds + 1.0 / 720.0
+                series = series * ds + 1.0 / 120.0
+                series = series * ds + 1.0 / 24.0
+                series = series * ds + 1.0 / 6.0
+                series = series * ds + 0.5
+                term = tl.where(small, p * ds * ds * series, (q - p) - p * d)
+                t_kl = tl.sum(tl.where(p_zero, q, term), axis=0).to(tl.float64)
+                new_lb = tl.maximum(lb, t_lb) + tl.log(1.0 + tl.exp(-tl.abs(lb - t_lb)))
+                new_lb = tl.where(tl.maximum(lb, t_lb) == float("-inf"), float("-inf"), new_lb)
+                log_v1 = lb - _no_mass_to_zero(new_lb)
+                log_v2 = t_lb - _no_mass_to_zero(new_lb)
+                # chain rule: w (KL_i + g(log w - log v)); a group where P has no mass contributes its share of Q
+                kl1 = tl.where(w1 == 0.0, tl.exp(log_v1), w1 * (kl + _exp_gap(log_v1 - log_w1)))
+                kl2 = tl.where(w2 == 0.0, tl.exp(log_v2), w2 * (t_kl + _exp_gap(log_v2 - log_w2)))
+                kl = kl1 + kl2
+                lb = new_lb
+            la = new_la
+        # NaN logits make lse NaN and +inf logits +inf, so the engine can report the row; its other stats are NaN
+        la = tl.where((bad_a & 1) != 0, float("nan"), tl.where((bad_a & 2) != 0, float("inf"), la))
+        tl.store(out_ptr + row, la.to(tl.float32))
+        tl.store(out_ptr + rows + row, tl.where(bad_a != 0, float("nan"), ent).to(tl.float32))
         if HAS_B:
-            lb = tl.where(nan_b, float("nan"), lb)
-            kl += outside / tl.where(sb == 0.0, 1.0, sb)
-            tl.store(out_ptr + 2 * rows + row, lb)
-            tl.store(out_ptr + 3 * rows + row, kl)
+            lb = tl.where((bad_b & 1) != 0, float("nan"), tl.where((bad_b & 2) != 0, float("inf"), lb))
+            tl.store(out_ptr + 2 * rows + row, lb.to(tl.float32))
+            tl.store(out_ptr + 3 * rows + row, tl.where((bad_a | bad_b) != 0, float("nan"), kl).to(tl.float32))
 
     @triton.jit
     def _grads_kernel(
@@ -174,20 +205,20 @@ if triton is not None:
         cols,
         stride_a,
         stride_b,
-        temperature,
         inv_t,
         HAS_B: tl.constexpr,
         HAS_KL: tl.constexpr,
         HAS_ENT: tl.constexpr,
         HAS_LOGP: tl.constexpr,
         HAS_LOGQ: tl.constexpr,
+        WRITE_A: tl.constexpr,
+        WRITE_B: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         """Gradients of one row with respect to the raw logits, one pass, P and Q recomputed from the lse."""
         row = tl.program_id(0).to(tl.int64)
-        lse_a = tl.load(lse_a_ptr + row)
         # a row without mass: shift by 0 (its P is 0 everywhere), not by -inf
-        lse_a = tl.where(lse_a == float("-inf"), 0.0, lse_a)
+        lse_a = _no_mass_to_zero(tl.load(lse_a_ptr + row))
         if HAS_ENT:
             ent = tl.load(ent_ptr + row)
             g_ent = tl.load(grad_ent_ptr + row)
@@ -196,8 +227,7 @@ if triton is not None:
         if HAS_LOGP:
             g_logp = tl.load(grad_logp_ptr + row)
         if HAS_B:
-            lse_b = tl.load(lse_b_ptr + row)
-            lse_b = tl.where(lse_b == float("-inf"), 0.0, lse_b)
+            lse_b = _no_mass_to_zero(tl.load(lse_b_ptr + row))
             if HAS_KL:
                 kl = tl.load(kl_ptr + row)
                 g_kl = tl.load(grad_kl_ptr + row)
@@ -206,7 +236,7 @@ if triton is not None:
         for start in range(0, cols, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < cols
-            a = tl.load(a_ptr + row * stride_a + offs, mask=mask, other=float("-inf")).to(tl.float32) / temperature
+            a = tl.load(a_ptr + row * stride_a + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
             log_p = a - lse_a
             p = tl.exp(log_p)
             grad_a = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -218,7 +248,7 @@ if triton is not None:
             if HAS_LOGP:
                 grad_a += g_logp * (one_hot - p)
             if HAS_B:
-                b = tl.load(b_ptr + row * stride_b + offs, mask=mask, other=float("-inf")).to(tl.float32) / temperature
+                b = tl.load(b_ptr + row * stride_b + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
                 log_q = b - lse_b
                 q = tl.exp(log_q)
                 grad_b = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -229,12 +259,38 @@ if triton is not None:
                     grad_b += g_kl * (q - p)
                 if HAS_LOGQ:
                     grad_b += g_logq * (one_hot - q)
-                tl.store(grad_b_ptr + row * cols + offs, grad_b * inv_t, mask=mask)
-            tl.store(grad_a_ptr + row * cols + offs, grad_a * inv_t, mask=mask)
+                if WRITE_B:
+                    grad_b_row = grad_b_ptr + row * cols
+                    tl.store(grad_b_row + offs, (grad_b * inv_t).to(grad_b_row.dtype.element_ty), mask=mask)
+            if WRITE_A:
+                grad_a_row = grad_a_ptr + row * cols
+                tl.store(grad_a_row + offs, (grad_a * inv_t).to(grad_a_row.dtype.element_ty), mask=mask)
+
+    def _autotuned(kernel: Any, key: list[str]) -> Any:
+        configs = [triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in CONFIGS]
+        return triton.autotune(configs=configs, key=key)(kernel)
+
+    _stats_tuned = _autotuned(_stats_kernel, ["cols", "HAS_B", "ENTROPY"])
+    _grads_tuned = _autotuned(
+        _grads_kernel, ["cols", "HAS_B", "HAS_KL", "HAS_ENT", "HAS_LOGP", "HAS_LOGQ", "WRITE_A", "WRITE_B"]
+    )
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _launch(tuned: Any, raw: Any, grid: tuple[int], block: int | None, *args: Any, **flags: Any) -> None:
+    """The autotuned kernel on a GPU; the plain one with a fixed tile in the interpreter or when ``block`` is set."""
+    if block is None and not _interpreted():
+        tuned[grid](*args, **flags)
+        return
+    block = DEFAULT_BLOCK if block is None else block
+    raw[grid](*args, **flags, BLOCK=block)
 
 
 def _row_major(x: Tensor) -> Tensor:
-    """``x`` itself when its columns are contiguous (any row stride), else a contiguous copy of the chunk."""
+    """``x`` itself when its columns are contiguous (any row stride), else a contiguous copy."""
     return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
@@ -251,98 +307,88 @@ def exp_gap(d: Tensor) -> Tensor:
     return out
 
 
-def leaf(a: Tensor, b: Tensor | None, temperature: float, dtype: torch.dtype, *, block: int | None = None) -> Tensor:
-    """Leaf stats of one raw chunk with the Triton kernel.
+def stats(
+    a: Tensor,
+    b: Tensor | None,
+    *,
+    temperature: float,
+    dtype: torch.dtype,
+    entropy: bool = True,
+    block: int | None = None,
+) -> Tensor:
+    """Stats of a ``[rows, V_local]`` block in one launch (see :class:`shardkl.kernels.Kernels`).
 
     Args:
-        a: ``[rows, cols]`` raw logits of P (not divided by the temperature), any float dtype.
-        b: ``[rows, cols]`` raw logits of Q, or ``None``.
-        temperature: the logits are divided by it.
-        dtype: compute dtype; fp32 runs the kernel, others (fp64) the eager path.
-        block: column tile width (a power of two); default ``min(next_pow2(cols), MAX_BLOCK)``.
-
-    Returns:
-        ``[4, rows]`` ``(la, ent, lb, kl)``, or ``[2, rows]`` ``(la, ent)`` when ``b`` is ``None``, in ``dtype``.
+        block: column tile width (a power of two); default: autotuned on a GPU, ``DEFAULT_BLOCK`` interpreted.
     """
     if not _kernel_ok(a, dtype):
-        return eager.leaf(a, b, temperature, dtype)
+        return eager.stats(a, b, temperature=temperature, dtype=dtype, entropy=entropy)
     rows, cols = a.shape
     a = _row_major(a)
     b = None if b is None else _row_major(b)
-    out = torch.empty(4 if b is not None else 2, rows, dtype=torch.float32, device=a.device)
-    block = _block(cols) if block is None else block
-    _leaf_kernel[(rows,)](
-        a,
-        a if b is None else b,
-        out,
-        rows,
-        cols,
-        a.stride(0),
-        a.stride(0) if b is None else b.stride(0),
-        float(temperature),
-        HAS_B=b is not None,
-        BLOCK=block,
-        num_warps=_num_warps(block),
-    )
+    out = torch.empty(_stats.num_stats(b is not None), rows, dtype=torch.float32, device=a.device)
+    other = a if b is None else b
+    _launch(_stats_tuned, _stats_kernel, (rows,), block, a, other, out, rows, cols, a.stride(0), other.stride(0),
+            1.0 / temperature, HAS_B=b is not None, ENTROPY=entropy)
     return out
 
 
 def grads(
     a: Tensor,
     b: Tensor | None,
+    *,
     temperature: float,
     dtype: torch.dtype,
-    *,
+    inputs: GradInputs,
+    grad_a: Tensor | None,
+    grad_b: Tensor | None,
     block: int | None = None,
-    **saved: Any,
-) -> tuple[Tensor, Tensor | None]:
-    """Gradients of one raw chunk with respect to the raw logits (``1/T`` applied), with the Triton kernel.
+) -> None:
+    """Gradients of a ``[rows, V_local]`` block in one launch (see :class:`shardkl.kernels.Kernels`).
 
     Args:
-        a, b: ``[rows, cols]`` raw logits (``b`` may be ``None``).
-        temperature: the logits were divided by it.
-        dtype: compute dtype; fp32 runs the kernel, others the eager path.
-        block: column tile width (a power of two); default ``min(next_pow2(cols), MAX_BLOCK)``.
-        **saved: ``lse_a, lse_b, kl, ent, grad_kl, grad_ent, grad_logp, grad_logq, token_cols`` as for
-            :func:`shardkl._stats.chunk_grads` (``[rows]`` tensors or ``None``).
-
-    Returns:
-        ``(grad_a, grad_b)``, ``[rows, cols]`` in ``dtype``; ``grad_b`` is ``None`` when ``b`` is.
+        block: column tile width (a power of two); default: autotuned on a GPU, ``DEFAULT_BLOCK`` interpreted.
     """
     if not _kernel_ok(a, dtype):
-        return eager.tile_grads(a, b, temperature, dtype, GradInputs(**saved))
+        eager.grads(a, b, temperature=temperature, dtype=dtype, inputs=inputs, grad_a=grad_a, grad_b=grad_b)
+        return
+    if b is not None and inputs.lse_b is None:
+        # no saved lse of Q: nothing flows to b (as in the eager path)
+        if grad_b is not None:
+            grad_b.zero_()
+        b = grad_b = None
+    if grad_a is None and grad_b is None:
+        return
     rows, cols = a.shape
     a = _row_major(a)
     b = None if b is None else _row_major(b)
-    lse_a: Tensor = saved["lse_a"]
+    has_b = b is not None
 
-    def vec(name: str) -> Tensor | None:
-        x = saved.get(name)
+    def vec(x: Tensor | None) -> Tensor | None:
         return None if x is None else x.to(torch.float32).contiguous()
 
-    lse_b, kl, ent = vec("lse_b"), vec("kl"), vec("ent")
-    grad_kl, grad_ent, grad_logp, grad_logq = vec("grad_kl"), vec("grad_ent"), vec("grad_logp"), vec("grad_logq")
-    token_cols = saved.get("token_cols")
-    token_cols = None if token_cols is None else token_cols.to(torch.int64).contiguous()
-    lse_a = lse_a.to(torch.float32).contiguous()
-    has_b = b is not None and lse_b is not None
+    lse_a = vec(inputs.lse_a)
+    assert lse_a is not None
+    lse_b, kl, ent = vec(inputs.lse_b), vec(inputs.kl), vec(inputs.ent)
+    grad_kl, grad_ent = vec(inputs.grad_kl), vec(inputs.grad_ent)
+    grad_logp, grad_logq = vec(inputs.grad_logp), vec(inputs.grad_logq)
+    token_cols = None if inputs.token_cols is None else inputs.token_cols.to(torch.int64).contiguous()
     has_tokens = token_cols is not None
-    grad_a = torch.empty(rows, cols, dtype=torch.float32, device=a.device)
-    grad_b = None if b is None else torch.empty(rows, cols, dtype=torch.float32, device=a.device)
-    if b is not None and not has_b and grad_b is not None:
-        # no saved lse of Q: nothing flows to b (as in the eager path)
-        grad_b.zero_()
 
     def ptr(x: Tensor | None) -> Tensor:
         # absent arguments are never read (constexpr flags); any tensor stands in for the pointer
         return lse_a if x is None else x
 
-    block = _block(cols) if block is None else block
-    _grads_kernel[(rows,)](
+    other = a if b is None else b
+    _launch(
+        _grads_tuned,
+        _grads_kernel,
+        (rows,),
+        block,
         a,
-        a if not has_b or b is None else b,
-        grad_a,
-        grad_a if not has_b or grad_b is None else grad_b,
+        other,
+        a if grad_a is None else grad_a,
+        other if grad_b is None else grad_b,
         lse_a,
         ptr(lse_b),
         ptr(kl),
@@ -354,47 +400,16 @@ def grads(
         lse_a if token_cols is None else token_cols,
         cols,
         a.stride(0),
-        a.stride(0) if not has_b or b is None else b.stride(0),
-        float(temperature),
-        # the eager path multiplies by the fp32 rounding of the python float 1/T
+        other.stride(0),
         1.0 / temperature,
         HAS_B=has_b,
         HAS_KL=has_b and grad_kl is not None and kl is not None,
         HAS_ENT=grad_ent is not None and ent is not None,
         HAS_LOGP=has_tokens and grad_logp is not None,
         HAS_LOGQ=has_b and has_tokens and grad_logq is not None,
-        BLOCK=block,
-        num_warps=_num_warps(block),
+        WRITE_A=grad_a is not None,
+        WRITE_B=grad_b is not None,
     )
-    return grad_a, grad_b
-
-
-def _tile_grads(
-    a: Tensor, b: Tensor | None, temperature: float, dtype: torch.dtype, inputs: GradInputs
-) -> tuple[Tensor, Tensor | None]:
-    return grads(a, b, temperature, dtype, **inputs._asdict())
-
-
-def block_stats(
-    a: Tensor, b: Tensor | None, *, temperature: float, dtype: torch.dtype, entropy: bool = True
-) -> Tensor:
-    """Stats of a ``[rows, V_local]`` block (see :class:`shardkl.kernels.Kernels`)."""
-    return eager.tiled_stats(leaf, a, b, temperature=temperature, dtype=dtype)
-
-
-def block_grads(
-    a: Tensor,
-    b: Tensor | None,
-    *,
-    temperature: float,
-    dtype: torch.dtype,
-    inputs: GradInputs,
-    grad_a: Tensor | None,
-    grad_b: Tensor | None,
-) -> None:
-    """Gradients of a ``[rows, V_local]`` block (see :class:`shardkl.kernels.Kernels`)."""
-    eager.tiled_grads(_tile_grads, a, b, temperature=temperature, dtype=dtype, inputs=inputs, grad_a=grad_a,
-                      grad_b=grad_b)
 
 
 def kernels(device: torch.device) -> Kernels:
@@ -405,9 +420,9 @@ def kernels(device: torch.device) -> Kernels:
     """
     if triton is None:
         raise ValueError("impl='triton' needs the `triton` package, which is not installed")
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type != "cuda" and not _interpreted():
         raise ValueError(f"impl='triton' needs a CUDA device (or TRITON_INTERPRET=1 for testing on CPU), got {device}")
-    return Kernels("triton", block_stats, block_grads)
+    return Kernels("triton", stats, grads)
 
 
-__all__ = ["MAX_BLOCK", "exp_gap", "grads", "kernels", "leaf"]
+__all__ = ["CONFIGS", "DEFAULT_BLOCK", "exp_gap", "grads", "kernels", "stats"]

@@ -1,0 +1,151 @@
+"""The command line of ``python -m shardkl.bench``: presets, the sweep, and what it prints and writes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+from pathlib import Path
+
+from shardkl.bench import measure, report
+
+DESCRIPTION = """\
+Time shardkl against the read-once floor and the usual baselines, side by side in one run.
+
+The default run (CPU) takes about two minutes on a 2-core machine and peaks at about 3 GB of memory: the
+headline point (2048 tokens x 32,000 vocabulary, float32, one rank, every method, forward and forward+backward),
+a vocabulary sweep at 256 tokens (float32 and bfloat16), and the same sweep on two gloo ranks. Each world size runs
+in fresh processes. Rows are appended to results.jsonl as each point finishes (a progress bar on stderr); the
+table, a summary and plot.png follow at the end.
+
+Every time is also given as a ratio to the floor (x floor): the time to read both inputs once (a.sum() + b.sum())
+at the same point in the same run. --device cuda adds the achieved memory bandwidth and its share of the GPU's
+peak (see --preset gpu).
+"""
+
+PRESETS: dict[str, dict[str, object]] = {
+    "default": {"target": "2048x32000", "target_dtypes": "float32", "sweep_tokens": 256,
+                "vocabs": "4000,32000,128000", "dtypes": "float32,bfloat16", "world_sizes": "1,2",
+                "impls": "eager,compiled", "reps": 5},
+    "quick": {"target": "64x3000", "target_dtypes": "float32", "sweep_tokens": 64, "vocabs": "500,3000",
+              "dtypes": "float32", "world_sizes": "1,2", "impls": "eager,compiled", "reps": 3},
+    # one GPU: a TP=8 shard of a 152k vocabulary at 32k tokens (the design's roofline point), and a sweep
+    "gpu": {"target": "32768x19008", "target_dtypes": "bfloat16,float32", "sweep_tokens": 8192,
+            "vocabs": "19008,64000,151936", "dtypes": "bfloat16,float32", "world_sizes": "1",
+            "impls": "eager,compiled,triton", "reps": 10},
+}
+IMPLS = ("eager", "compiled", "triton", "auto")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _point(text: str) -> tuple[int, int]:
+    tokens, _, vocab = text.partition("x")
+    return int(tokens), int(vocab)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser (``--help`` lists every option with its default)."""
+    p = argparse.ArgumentParser(prog="python -m shardkl.bench", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a sweep: default (CPU), quick (seconds, a smoke test), gpu (the default with --device cuda)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--target", help="headline point TOKENSxVOCAB, every method (preset: 2048x32000)")
+    p.add_argument("--target-dtypes", help="dtypes of the headline point, comma-separated (preset: float32)")
+    p.add_argument("--sweep-tokens", type=int, help="tokens of the vocabulary sweep (preset: 256)")
+    p.add_argument("--vocabs", help="vocabulary sizes of the sweep, comma-separated (preset: 4000,32000,128000)")
+    p.add_argument("--dtypes", help=f"dtypes of the sweep, comma-separated, of {', '.join(measure.DTYPES)} "
+                                    "(preset: float32,bfloat16)")
+    p.add_argument("--world-sizes", help="comma-separated gloo world sizes; the headline point runs on 1 only")
+    p.add_argument("--impls", help=f"shardkl implementations, of {', '.join(IMPLS)} (preset: eager,compiled)")
+    p.add_argument("--reps", type=int, help="timed rounds per point (preset: 5; at least 3)")
+    p.add_argument("--forward-only", action="store_true", help="skip forward+backward")
+    p.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: let PyTorch back large tensors with transparent huge pages (THP_MEM_ALLOC_ENABLE=1) in "
+                        "the measuring processes; without them, fresh gradients cost page faults that dominate "
+                        "forward+backward on a VM (default: on)")
+    p.add_argument("--out", default="results/bench", help="folder of results.jsonl and plot.png (default: %(default)s)")
+    return p
+
+
+def _config_points(args: argparse.Namespace, world: int) -> tuple[measure.Point, ...]:
+    target = _point(args.target)
+    points = []
+    if world == 1:
+        points += [measure.Point(*target, dtype, full=not args.forward_only) for dtype in args.target_dtypes]
+    points += [measure.Point(args.sweep_tokens, vocab, dtype, full=not args.forward_only)
+               for dtype in args.dtypes for vocab in args.vocabs
+               if world > 1 or (args.sweep_tokens, vocab) != target or dtype not in args.target_dtypes]
+    return tuple(points)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset or ("gpu" if args.device == "cuda" else "default")]
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    try:
+        _point(args.target)
+        args.vocabs, args.world_sizes = _ints(args.vocabs), _ints(args.world_sizes)
+    except ValueError as exc:
+        p.error(f"bad --target, --vocabs or --world-sizes: {exc}")
+    args.dtypes = [d for d in args.dtypes.split(",") if d]
+    args.target_dtypes = [d for d in args.target_dtypes.split(",") if d]
+    args.impls = [i for i in args.impls.split(",") if i]
+    for dtype in args.dtypes + args.target_dtypes:
+        if dtype not in measure.DTYPES:
+            p.error(f"unknown dtype {dtype!r}; choose from {', '.join(measure.DTYPES)}")
+    for impl in args.impls:
+        if impl not in IMPLS:
+            p.error(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
+    if args.reps < 3:
+        p.error("--reps must be at least 3 (a median and a spread need them)")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device here")
+        if args.world_sizes != [1]:
+            p.error("--device cuda measures one GPU: use --world-sizes 1")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    results.write_text("")
+    huge_pages = args.huge_pages and args.device == "cpu"
+    if huge_pages:
+        # read by PyTorch's CPU allocator in the measuring processes (spawned below, so they inherit it)
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+    print(f"shardkl benchmark on {args.device}: results stream to {results}", flush=True)
+    for world in args.world_sizes:
+        config = measure.Config(
+            points=_config_points(args, world), impls=tuple(args.impls), reps=args.reps, device=args.device,
+            out_file=str(results), huge_pages=huge_pages,
+        )
+        measure.run_world(world, config)
+    rows = measure.read_rows(results)
+    print()
+    print(report.format_table(rows))
+    print()
+    print(report.EXPLAIN)
+    print()
+    tokens, vocab = _point(args.target)
+    for line in report.summary(rows, tokens=tokens, vocab=vocab):
+        print(line)
+    plotted = report.plot(rows, out / "plot.png")
+    info = rows[0].machine if rows else {}
+    where = info.get("cuda") or f"{info.get('processor')}, {info.get('cpus')} CPUs"
+    # the largest resident set of one measuring process (Linux reports KiB)
+    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    print(f"\nwrote {results}{' and ' + str(out / 'plot.png') if plotted else ''} ({where}, torch {info.get('torch')}"
+          f"{', huge pages' if huge_pages else ''}; peak memory of a measuring process {peak_rss / 2**30:.1f} GiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

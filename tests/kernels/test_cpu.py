@@ -1,0 +1,147 @@
+"""The C++ CPU kernels give the eager kernels' values and gradients, edge rows included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import shardkl
+from shardkl import _stats
+from shardkl.kernels import cpu, eager
+from tests.kernels.cases import case, check_edge_rows, edge_rows, saved
+from tests.reference import reference
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _built() -> None:
+    # in a fixture, not at import: building imports torch._inductor, which imports triton, which must not be
+    # imported before tests/kernels/test_triton_kl.py is collected (it sets up Triton's interpreter)
+    try:
+        cpu.build(F32)
+    except Exception as exc:  # no C++ compiler here: the fallback tests cover that path
+        pytest.skip(f"the C++ CPU kernels cannot be built here: {exc}")
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "temperature"),
+    [((9, 300), F32, 1.0), ((9, 1271), BF16, 0.7), ((8, 1000), F16, 1.3), ((9, 70_000), F32, 0.7), ((3, 17), F32, 1.0)],
+)
+@pytest.mark.parametrize("two_inputs", [True, False])
+def test_stats_match_eager(shape, dtype, temperature, two_inputs) -> None:
+    a, b, _ = case(shape, dtype)
+    if shape[0] >= 8:
+        a, b = edge_rows(a, b)
+    bb = b if two_inputs else None
+    got = cpu.stats(a, bb, temperature=temperature, dtype=F32)
+    want = eager.stats(a, bb, temperature=temperature, dtype=F32)
+    assert got.shape == want.shape == (4 if two_inputs else 2, shape[0]) and got.dtype == F32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+    if shape[0] >= 8:
+        check_edge_rows(got, two_inputs)
+
+
+def test_entropy_off_keeps_the_other_rows_and_mixed_dtypes() -> None:
+    a, b, _ = case((6, 500), BF16)
+    want = eager.stats(a, b.float(), temperature=1.0, dtype=F32)
+    got = cpu.stats(a, b.float(), temperature=1.0, dtype=F32, entropy=False)
+    rows = [_stats.LA, _stats.LB, _stats.KL]
+    torch.testing.assert_close(got[rows], want[rows], rtol=1e-5, atol=1e-6)
+
+
+def test_views_threads_and_rows_are_independent() -> None:
+    a, b, _ = case((40, 400), F32)
+    view_a, view_b = a[1:37, 50:333], b[1:37, 50:333]  # row stride 400, 283 columns
+    want = eager.stats(view_a, view_b, temperature=1.0, dtype=F32)
+    torch.testing.assert_close(cpu.stats(view_a, view_b, temperature=1.0, dtype=F32), want, rtol=1e-5, atol=1e-6)
+    transposed = cpu.stats(a.t().contiguous().t(), b, temperature=1.0, dtype=F32)  # column stride != 1: copied
+    torch.testing.assert_close(transposed, cpu.stats(a, b, temperature=1.0, dtype=F32))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu.stats(a, b, temperature=1.0, dtype=F32)
+    finally:
+        torch.set_num_threads(threads)
+    # rows are computed independently: the thread count changes nothing, not even a bit
+    assert torch.equal(one, cpu.stats(a, b, temperature=1.0, dtype=F32))
+    assert torch.equal(cpu.stats(a[:7], b[:7], temperature=1.0, dtype=F32), one[:, :7])
+
+
+def test_float64_compute_is_rejected() -> None:
+    a, b, _ = case((3, 40), F32)
+    with pytest.raises(TypeError, match="compute in float32"):
+        cpu.stats(a, b, temperature=1.0, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "temperature", "present", "two_inputs"),
+    [
+        ((6, 300), F32, 0.7, "kepqt", True),
+        ((6, 300), BF16, 1.0, "kept", True),
+        ((3, 1271), F32, 0.7, "kqt", True),
+        ((3, 1271), F16, 1.0, "ept", False),
+        ((6, 300), F32, 1.0, "e", True),
+        ((6, 300), F32, 0.7, "kepq", True),
+        ((4, 40_000), F32, 1.0, "kept", True),
+    ],
+)
+def test_grads_match_eager(shape, dtype, temperature, present, two_inputs) -> None:
+    a, b, tokens = case(shape, dtype)
+    bb = b if two_inputs else None
+    inputs = saved(a, bb, tokens, temperature, present)
+    got_a, got_b = torch.empty_like(a), torch.empty_like(b)
+    cpu.grads(a, bb, temperature=temperature, dtype=F32, inputs=inputs, grad_a=got_a,
+              grad_b=got_b if two_inputs else None)
+    want_a, want_b = torch.empty_like(a), torch.empty_like(b)
+    eager.grads(a, bb, temperature=temperature, dtype=F32, inputs=inputs, grad_a=want_a, grad_b=want_b)
+    tol = 1e-5 if dtype == F32 else 1e-2
+    torch.testing.assert_close(got_a, want_a, rtol=tol, atol=tol * 0.02)
+    if two_inputs:
+        torch.testing.assert_close(got_b, want_b, rtol=tol, atol=tol * 0.02)
+
+
+def test_grads_of_padded_and_underflowing_columns_are_zero_and_finite() -> None:
+    a, b, tokens = case((6, 300), F32)
+    inputs = saved(a, b, tokens, 1.0, "kept")
+    grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
+    cpu.grads(a, b, temperature=1.0, dtype=F32, inputs=inputs, grad_a=grad_a, grad_b=grad_b)
+    assert torch.isfinite(grad_a).all() and torch.isfinite(grad_b).all()
+    assert (grad_a[:, -3:] == 0).all() and (grad_b[:, -3:] == 0).all()
+    assert grad_a[0, 5] == 0  # P underflows there: no gradient to a ...
+    assert grad_b[0, 5] != 0  # ... but Q's mass there still pulls on b
+
+
+@pytest.mark.parametrize(("shape", "dtype", "temperature"), [((41, 1271), F32, 1.0), ((7, 300), BF16, 0.7)])
+def test_public_api_matches_eager_values_and_gradients(shape, dtype, temperature) -> None:
+    a, b, tokens = case(shape, dtype)
+    results = {}
+    for impl in ("eager", "compiled"):
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        stats = shardkl.kl_stats(x, y, tokens, temperature=temperature, options=shardkl.Options(impl=impl))
+        (stats.exact_kl.sum() + 0.3 * stats.entropy.sum() + stats.k3.sum() + stats.p_logprobs.sum()).backward()
+        results[impl] = (stats, x.grad, y.grad)
+    (s_e, ga_e, gb_e), (s_c, ga_c, gb_c) = results["eager"], results["compiled"]
+    for name in ("exact_kl", "entropy", "p_logprobs", "q_logprobs", "k3"):
+        torch.testing.assert_close(getattr(s_c, name), getattr(s_e, name), rtol=1e-5, atol=1e-6, msg=name)
+    tol = 1e-5 if dtype == F32 else 1e-2
+    torch.testing.assert_close(ga_c, ga_e, rtol=tol, atol=tol * 0.2)
+    torch.testing.assert_close(gb_c, gb_e, rtol=tol, atol=tol * 0.2)
+    ref = reference(a[..., :-3], b[..., :-3], tokens, temperature)["exact_kl"]
+    torch.testing.assert_close(s_c.exact_kl.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_the_source_ships_with_the_package() -> None:
+    assert 'extern "C" void kernel(' in cpu.source()
+
+
+def test_a_row_with_both_nan_and_inf_reports_nan() -> None:
+    a, b, _ = case((4, 3000), F32)
+    a[1, 7], a[1, 2000] = float("inf"), float("nan")
+    b[2, 9], b[2, 10] = float("nan"), float("inf")
+    got = cpu.stats(a, b, temperature=1.0, dtype=F32)
+    want = eager.stats(a, b, temperature=1.0, dtype=F32)
+    assert got[_stats.LA, 1].isnan() and want[_stats.LA, 1].isnan()
+    assert got[_stats.LB, 2].isnan() and want[_stats.LB, 2].isnan()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
