@@ -582,7 +582,7 @@ def distillation_loss(
     # the engine: one collective, both inputs' gradients; P is the first argument (exact_kl takes LinearLogits
     # too, though its annotation says Tensor)
     pair = (teacher, student_logits) if divergence == "forward_kl" else (student_logits, teacher)
-    return exact_kl(*pair, **common)  # type: ignore[arg-type]
+    return exact_kl(*pair, **common)
 
 
 __all__ = [

@@ -22,7 +22,7 @@ from shardkl._inputs import Call, resolve
 from shardkl.distributed import ProcessGroup
 from shardkl.estimators import SampledEstimator, check_estimator
 from shardkl.layout import VocabLayout
-from shardkl.linear import LinearLogits
+from shardkl.linear import LinearLogits, Logits
 from shardkl.options import Options
 from shardkl.reduction import Reduction, check_reduction, reduce_checked
 
@@ -71,8 +71,8 @@ def run_engine(call: Call, *, entropy: bool = True) -> KLStats:
 
 
 def kl_stats(
-    p_logits: Tensor,
-    q_logits: Tensor,
+    p_logits: Logits,
+    q_logits: Logits,
     tokens: Tensor | None = None,
     *,
     group: ProcessGroup | None = None,
@@ -111,8 +111,8 @@ def kl_stats(
 
 
 def exact_kl(
-    p_logits: Tensor,
-    q_logits: Tensor,
+    p_logits: Logits,
+    q_logits: Logits,
     *,
     group: ProcessGroup | None = None,
     layout: VocabLayout | None = None,
@@ -144,8 +144,8 @@ def exact_kl(
 
 
 def sampled_kl(
-    p_logits: Tensor,
-    q_logits: Tensor,
+    p_logits: Logits,
+    q_logits: Logits,
     tokens: Tensor,
     *,
     estimator: SampledEstimator = "k3",
@@ -183,7 +183,7 @@ def sampled_kl(
 
 
 def token_logprobs(
-    logits: Tensor,
+    logits: Logits,
     tokens: Tensor,
     *,
     group: ProcessGroup | None = None,
@@ -214,7 +214,7 @@ def token_logprobs(
 
 
 def entropy(
-    logits: Tensor,
+    logits: Logits,
     *,
     group: ProcessGroup | None = None,
     layout: VocabLayout | None = None,

@@ -57,6 +57,10 @@ class LinearLogits:
         return LinearLogits(hidden, self.weight, self.bias)
 
 
+Logits = Tensor | LinearLogits
+"""What every public function takes as logits: this rank's slice as a tensor, or a :class:`LinearLogits`."""
+
+
 def check_linear(name: str, source: LinearLogits) -> None:
     """Raise ``TypeError``/``ValueError`` naming ``name`` for a malformed :class:`LinearLogits` (no collective)."""
     for part in ("hidden", "weight"):
@@ -102,4 +106,4 @@ def logits_tile(hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: torc
     return out if bias is None else out.add_(bias.to(dtype))
 
 
-__all__ = ["LinearLogits", "check_linear", "logits_tile", "trimmed"]
+__all__ = ["LinearLogits", "Logits", "check_linear", "logits_tile", "trimmed"]

@@ -35,6 +35,7 @@ from shardkl._inputs import resolve
 from shardkl.distributed import ProcessGroup
 from shardkl.functional import KLStats, run_engine
 from shardkl.layout import VocabLayout
+from shardkl.linear import Logits
 from shardkl.options import Options
 from shardkl.reduction import Reduction, check_reduction, reduce_checked
 
@@ -102,8 +103,8 @@ def penalty_from_stats(
 
 
 def kl_penalty(
-    p_logits: Tensor,
-    q_logits: Tensor,
+    p_logits: Logits,
+    q_logits: Logits,
     tokens: Tensor | None = None,
     *,
     estimator: Estimator = "exact",
@@ -192,8 +193,8 @@ def _advantages(advantages: object, shape: torch.Size) -> Tensor:
 
 
 def grpo_loss(
-    p_logits: Tensor,
-    q_logits: Tensor,
+    p_logits: Logits,
+    q_logits: Logits,
     tokens: Tensor,
     advantages: Tensor,
     *,

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from shardkl.distill import DIVERGENCES, Divergence, TopKTeacher, distillation_loss
 from shardkl.distributed import ProcessGroup
 from shardkl.layout import VocabLayout
+from shardkl.linear import Logits
 from shardkl.losses import Estimator, canonical_estimator, kl_penalty
 from shardkl.options import Options, check_options
 from shardkl.reduction import Reduction, check_reduction
@@ -61,7 +62,7 @@ class KLPenalty(nn.Module):
         self.options = check_options(options)
 
     def forward(
-        self, p_logits: Tensor, q_logits: Tensor, tokens: Tensor | None = None, mask: Tensor | None = None
+        self, p_logits: Logits, q_logits: Logits, tokens: Tensor | None = None, mask: Tensor | None = None
     ) -> Tensor:
         """The penalty; a scalar, or ``[...]`` per token with ``reduction="none"``."""
         value = kl_penalty(
@@ -144,7 +145,7 @@ class DistillationLoss(nn.Module):
         self.valid_vocab_size = valid_vocab_size
         self.options = check_options(options)
 
-    def forward(self, student_logits: Tensor, teacher: Tensor | TopKTeacher, mask: Tensor | None = None) -> Tensor:
+    def forward(self, student_logits: Logits, teacher: Logits | TopKTeacher, mask: Tensor | None = None) -> Tensor:
         """The loss; a scalar, or ``[...]`` per token with ``reduction="none"``."""
         return distillation_loss(
             student_logits,

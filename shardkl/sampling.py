@@ -136,28 +136,31 @@ def sample_tokens(
 
         def columns(lo: int, hi: int) -> Tensor:
             bias = None if logits.bias is None else logits.bias[lo:hi]
-            return logits_tile(hidden, logits.weight[lo:hi], bias, torch.float64)
+            return logits_tile(hidden, logits.weight[lo:hi], bias, torch.float32)
     else:
         flat = logits.reshape(rows, local)
         device = logits.device
 
         def columns(lo: int, hi: int) -> Tensor:
-            return flat[:, lo:hi].double()
+            return flat[:, lo:hi].float()
 
     best = torch.full((draws, rows), float("-inf"), dtype=torch.float64)
     best_id = torch.full((draws, rows), -1.0, dtype=torch.float64)
-    # one block of noise columns at a time: the same blocks the noise is drawn in
-    for block_lo in range(layout.start, layout.start + kept, BLOCK):
-        block_hi = min(block_lo + BLOCK, layout.start + kept)
-        scaled = columns(block_lo - layout.start, block_hi - layout.start).cpu() / temperature
+    # one block of noise columns at a time: the same blocks the noise is drawn in. Scores are fp32: every column's
+    # score is the same arithmetic on the same numbers whichever rank computes it, so any split draws the same ids.
+    for _, block_lo, block_hi in _blocks(layout.start, layout.start + kept):
+        scaled = columns(block_lo - layout.start, block_hi - layout.start).cpu()
+        if temperature != 1.0:
+            scaled = scaled / temperature
         for s in range(draws):
             name = stream if num_samples is None else f"{stream}/{s}"
             uniform = sharded_random(rows, block_lo, block_hi, seed=seed, stream=name)
-            # Gumbel(0, 1) noise; uniform = 0 gives -inf, which never wins
-            value, index = (scaled - torch.log(-torch.log(uniform.double()))).max(dim=-1)
+            # Gumbel(0, 1) noise, in place; uniform = 0 gives -inf, which never wins
+            gumbel = uniform.log_().neg_().log_().neg_()
+            value, index = (gumbel.add_(scaled)).max(dim=-1)
             # strict: the lowest id wins a tie, as in one full-vocabulary argmax
-            better = value > best[s]
-            best[s] = torch.where(better, value, best[s])
+            better = value.double() > best[s]
+            best[s] = torch.where(better, value.double(), best[s])
             best_id[s] = torch.where(better, (index + block_lo).double(), best_id[s])
     ids = argmax_over_ranks(best, best_id, layout.group, bounds=(layout.start, layout.stop))
     shape = tuple(lead) if num_samples is None else (draws, *lead)

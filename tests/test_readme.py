@@ -38,3 +38,19 @@ def test_snippet_runs_as_pasted(index: int, tmp_path: Path) -> None:
     done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip(), "the snippet printed nothing"
+
+
+def test_quickstart_output_is_what_the_launcher_prints() -> None:
+    shown = re.search(r"```\n(shardkl exact KL .*?)```", README, flags=re.S)
+    assert shown, "the README shows the launcher's output"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "launch/exact_kl.py", "--config", "configs/seed.toml", "--output", ""]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+    def table(text: str) -> list[str]:
+        # everything but the last line, whose time and memory vary from run to run
+        return [line.rstrip() for line in text.strip().splitlines() if not line.startswith("time (KL call")]
+
+    assert table(done.stdout) == table(shown.group(1))

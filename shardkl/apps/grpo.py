@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from shardkl.distributed import ProcessGroup
 from shardkl.layout import VocabLayout
+from shardkl.linear import LinearLogits
 from shardkl.losses import Estimator, GRPOLoss, grpo_loss
 from shardkl.parallel import ColumnParallelLMHead
 from shardkl.reduction import Reduction
@@ -43,6 +44,11 @@ class TensorParallelCausalLM(nn.Module):
     def forward(self, input_ids: Tensor) -> Tensor:
         """``[B, T]`` ids -> this rank's ``[B, T, V_local]`` logits (padding columns included)."""
         return self.head(self.trunk(input_ids=input_ids).last_hidden_state)
+
+    def linear_logits(self, input_ids: Tensor) -> LinearLogits:
+        """The same logits as a :class:`shardkl.LinearLogits` (last hidden states and this rank's head rows),
+        for shardkl to reduce without materialising them."""
+        return self.head.linear_logits(self.trunk(input_ids=input_ids).last_hidden_state)
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,9 @@ class TPConfig:
     """seed of the weights, the prompts and the sampled responses"""
     dtype: Literal["float32", "bfloat16", "float64"] = "float32"
     """dtype of the model"""
+    logits_from: Literal["logits", "hidden"] = "logits"
+    """what the loss reads: the lm_head's logits, or the hidden states and the lm_head rows (shardkl.LinearLogits:
+    the [tokens, V_local] logits are never materialised)"""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "layers", "heads", "prompts", "prompt_len", "steps", "pad_multiple"):
@@ -195,15 +204,16 @@ def rollout(policy: TensorParallelCausalLM, config: TPConfig, step: int) -> tupl
     return ids, mask, advantages.reshape(batch).float()
 
 
-def _response_logits(model: TensorParallelCausalLM, ids: Tensor, prompt_len: int) -> Tensor:
+def _response_logits(model: TensorParallelCausalLM, ids: Tensor, config: TPConfig) -> Tensor | LinearLogits:
     # position t predicts token t + 1: the logits of the response tokens start one before them
-    return model(ids)[:, prompt_len - 1 : -1]
+    source = model.linear_logits(ids) if config.logits_from == "hidden" else model(ids)
+    return source[:, config.prompt_len - 1 : -1]
 
 
 def objective(
     config: TPConfig,
-    policy_logits: Tensor,
-    ref_logits: Tensor,
+    policy_logits: Tensor | LinearLogits,
+    ref_logits: Tensor | LinearLogits,
     batch: tuple[Tensor, Tensor, Tensor],
     layout: VocabLayout,
     *,
@@ -215,7 +225,8 @@ def objective(
 
     Args:
         config: the run's configuration (``kl_coef``, ``estimator``, ``reduction``, ``prompt_len``).
-        policy_logits, ref_logits: ``[B, R, V_local]`` logits of the response tokens, this rank's columns.
+        policy_logits, ref_logits: ``[B, R, V_local]`` logits of the response tokens, this rank's columns (or
+            :class:`shardkl.LinearLogits` standing for them).
         batch: ``(input_ids, response_mask, advantages)`` from :func:`rollout`.
         layout: this rank's vocabulary columns.
         estimator: the KL estimate (default ``config.estimator``).
@@ -266,7 +277,10 @@ def format_steps(results: list[StepResult], config: TPConfig) -> str:
         values = result.as_dict()
         lines.append("  ".join(f"{values[name]:>{width}.6g}" for name, width in widths.items()))
     lines.append("")
-    lines.append(f"kl_coef={config.kl_coef}  estimator={config.estimator}  reduction={config.reduction}")
+    lines.append(
+        f"kl_coef={config.kl_coef}  estimator={config.estimator}  reduction={config.reduction}  "
+        f"logits_from={config.logits_from}"
+    )
     for name, meaning in STEP_COLUMNS.items():
         lines += textwrap.wrap(f"{name}: {meaning}", width=112, initial_indent="  ", subsequent_indent="    ")
     return "\n".join(lines)
@@ -287,13 +301,13 @@ def grpo_step(
     ids, mask, _ = batch
     layout = policy.head.layout
     with torch.no_grad():
-        ref_logits = _response_logits(reference, ids, config.prompt_len)
+        ref_logits = _response_logits(reference, ids, config)
     optimizer.zero_grad(set_to_none=True)
-    out = objective(config, _response_logits(policy, ids, config.prompt_len), ref_logits, batch, layout)
+    out = objective(config, _response_logits(policy, ids, config), ref_logits, batch, layout)
     out.loss.backward()
     optimizer.step()
     with torch.no_grad():
-        after = objective(config, _response_logits(policy, ids, config.prompt_len), ref_logits, batch, layout,
+        after = objective(config, _response_logits(policy, ids, config), ref_logits, batch, layout,
                           estimator="exact")
     mean = (out.exact_kl * mask).sum() / mask.sum()
     mean_after = (after.exact_kl * mask).sum() / mask.sum()

@@ -86,9 +86,10 @@ def _check_parity(rank: int, world: int, config: TPConfig) -> None:
         assert got.exact_kl_after_update == pytest.approx(textbook.item(), rel=1e-4)
 
 
-@pytest.mark.parametrize("estimator", ["exact", "k3+"])
-def test_tp_grpo_step_matches_one_process(estimator: str) -> None:
-    run_ranks(_check_parity, 2, dataclasses.replace(CONFIG, estimator=estimator))
+@pytest.mark.parametrize(("estimator", "logits_from"), [("exact", "logits"), ("k3+", "logits"), ("k3+", "hidden")])
+def test_tp_grpo_step_matches_one_process(estimator: str, logits_from: str) -> None:
+    # logits_from="hidden": the loss reads hidden states and head rows (LinearLogits), never the logits
+    run_ranks(_check_parity, 2, dataclasses.replace(CONFIG, estimator=estimator, logits_from=logits_from))
 
 
 def test_steps_table_names_its_columns_and_explains_them_under_it() -> None:
