@@ -30,12 +30,15 @@ from shardkl._engine import (
     outputs,
 )
 from shardkl.kernels import GradInputs
-from shardkl.linear import logits_tile
+from shardkl.linear import logits_tile, matmul, operand_dtype
 
-# Elements of one [R, C] logit tile: each side's tile and the kernels' temporaries are a few MiB in all.
+# Elements of one [R, C] logit tile and its widest vocabulary block (the matmul's N dimension). On a CPU each side's
+# tile and the kernels' temporaries are a few MiB (in cache, and ~4% of the logits at 2048 x 32k); on a GPU a tile
+# must fill the device (a [1024, 4096] fp32 tile is 16 MiB, against 1.2 GB of bf16 logits at 32k x 19k).
 TILE_ELEMENTS = 1 << 18
-# Widest vocabulary block (the matmul's N dimension).
 MAX_TILE_COLS = 2048
+CUDA_TILE_ELEMENTS = 1 << 22
+CUDA_MAX_TILE_COLS = 4096
 
 
 class _Side:
@@ -65,15 +68,22 @@ class _Side:
             self.flat = None
 
     @property
+    def device(self) -> torch.device:
+        source = self.logits if self.logits is not None else self.hidden
+        assert source is not None
+        return source.device
+
+    @property
     def linear(self) -> bool:
         return self.hidden is not None
 
     def block(self, cols: slice, dtype: torch.dtype) -> tuple[Tensor, Tensor | None] | None:
-        """This vocabulary block's weight rows and bias in the compute dtype (``None`` for a logits side)."""
+        """This vocabulary block's weight rows (in the matmuls' operand dtype) and bias (in the compute dtype);
+        ``None`` for a logits side."""
         if self.weight is None:
             return None
         bias = None if self.bias is None else self.bias[cols].to(dtype)
-        return self.weight[cols].to(dtype), bias
+        return self.weight[cols].to(operand_dtype(self.weight, dtype)), bias
 
     def tile(self, rows: slice, cols: slice, block: tuple[Tensor, Tensor | None] | None, dtype: torch.dtype) -> Tensor:
         """Raw (not temperature-scaled) logits of the tile ``[rows, cols]``."""
@@ -106,9 +116,12 @@ class _Side:
         return out
 
 
-def _tiles(rows: int, vocab: int) -> tuple[int, int]:
-    cols = max(1, min(vocab, MAX_TILE_COLS))
-    return max(1, TILE_ELEMENTS // cols), cols
+def tiles(rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
+    """``(rows, columns)`` of the logit tiles for a ``[rows, vocab]`` block on ``device``."""
+    cuda = device.type == "cuda"
+    elements, widest = (CUDA_TILE_ELEMENTS, CUDA_MAX_TILE_COLS) if cuda else (TILE_ELEMENTS, MAX_TILE_COLS)
+    cols = max(1, min(vocab, widest))
+    return max(1, elements // cols), cols
 
 
 def _empty_stats(two: bool, rows: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -148,7 +161,7 @@ class FusedStatsFunction(torch.autograd.Function):
         device = (a_logits if a_logits is not None else a_hidden).device  # type: ignore[union-attr]
         rows, vocab, temperature = side_a.rows, side_a.vocab, spec.temperature
         impl = kernels.resolve(spec.options.impl, device, dtype, rows * vocab)
-        row_block, col_block = _tiles(rows, vocab)
+        row_block, col_block = tiles(rows, vocab, device)
         stats = _empty_stats(two, rows, dtype, device)
         for c0 in range(0, vocab, col_block):
             cols = slice(c0, min(c0 + col_block, vocab))
@@ -213,7 +226,7 @@ class FusedStatsFunction(torch.autograd.Function):
             return (*grads.result(), *(grads_b.result() if grads_b else (None,) * 4), None, None, None)
         local_tokens = None if tokens is None else tokens - spec.layout.start
         rows, vocab, temperature = side_a.rows, side_a.vocab, spec.temperature
-        row_block, col_block = _tiles(rows, vocab)
+        row_block, col_block = tiles(rows, vocab, lse_a.device)
         for c0 in range(0, vocab, col_block):
             cols = slice(c0, min(c0 + col_block, vocab))
             block_a = side_a.block(cols, dtype)
@@ -291,10 +304,13 @@ class _Grads:
             return
         hidden = self.side.hidden
         assert hidden is not None
+        weight = block[0]
+        # the matmuls read G in the weight's operand dtype (half on CUDA: tensor cores) and accumulate in fp32
+        operand = grad.to(weight.dtype)
         if self.hidden is not None:
-            self.hidden[rows].addmm_(grad, block[0])
+            self.hidden[rows] += matmul(operand, weight, self.dtype)
         if self.block_weight is not None:
-            self.block_weight.addmm_(grad.t(), hidden[rows].to(self.dtype))
+            self.block_weight += matmul(operand.t(), hidden[rows].to(weight.dtype), self.dtype)
         if self.block_bias is not None:
             self.block_bias += grad.sum(0)
 
@@ -313,4 +329,4 @@ class _Grads:
         return self.logits, hidden, self.weight, self.bias
 
 
-__all__ = ["FusedStatsFunction", "MAX_TILE_COLS", "TILE_ELEMENTS"]
+__all__ = ["FusedStatsFunction", "MAX_TILE_COLS", "TILE_ELEMENTS", "tiles"]

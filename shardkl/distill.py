@@ -32,7 +32,7 @@ from shardkl._divergences import Direction
 from shardkl._dtensor import is_dtensor, to_local_like, unwrap_linear, unwrap_logits
 from shardkl._engine import EngineSpec, call_info, compute_dtype
 from shardkl._fused import _Grads, _Side
-from shardkl._fused import _tiles as _fused_tiles
+from shardkl._fused import tiles as _fused_tiles
 from shardkl._inputs import Call, resolve
 from shardkl.distributed import ProcessGroup, all_gather_flat, all_reduce_sum, check_tiling
 from shardkl.functional import exact_kl, run_engine
@@ -83,7 +83,7 @@ def _blocks(side: _Side) -> Iterator[tuple[slice, list[slice]]]:
     rows, vocab = side.rows, side.vocab
     if rows == 0 or vocab == 0:
         return
-    row_block, col_block = _fused_tiles(rows, vocab)
+    row_block, col_block = _fused_tiles(rows, vocab, side.device)
     row_slices = [slice(r, min(r + row_block, rows)) for r in range(0, rows, row_block)]
     for c0 in range(0, vocab, col_block):
         yield slice(c0, min(c0 + col_block, vocab)), row_slices

@@ -99,11 +99,32 @@ def trimmed(source: LinearLogits, keep: int) -> LinearLogits:
     return LinearLogits(source.hidden, source.weight[:keep], bias)
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def operand_dtype(x: Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the tiles' matmuls read ``x`` in, for results in ``dtype``: half inputs on CUDA stay half (tensor
+    cores, fp32 accumulation and output); everywhere else the compute dtype itself."""
+    return x.dtype if x.is_cuda and x.dtype in _HALF and dtype == torch.float32 else dtype
+
+
+def matmul(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``a @ b`` returned in ``dtype``; half operands accumulate in fp32 and are never rounded to half on the way."""
+    if a.dtype == dtype and b.dtype == dtype:
+        return torch.matmul(a, b)
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=dtype)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm(..., out_dtype)
+            pass
+    return torch.matmul(a.to(dtype), b.to(dtype))
+
+
 def logits_tile(hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """``hidden @ weight.T + bias`` for a ``[rows, H]`` block of hidden states and ``[C, H]`` weight rows, computed
-    and returned in ``dtype`` (fp32 for half inputs: the products accumulate in fp32, the tile stays fp32)."""
-    out = torch.matmul(hidden.to(dtype), weight.to(dtype).t())
+    """``hidden @ weight.T + bias`` in ``dtype`` for a ``[rows, H]`` block of hidden states and ``[C, H]`` weight
+    rows (``weight`` already in :func:`operand_dtype`); half inputs accumulate in fp32 and the tile stays fp32."""
+    out = matmul(hidden.to(weight.dtype), weight.t(), dtype)
     return out if bias is None else out.add_(bias.to(dtype))
 
 
-__all__ = ["LinearLogits", "Logits", "check_linear", "logits_tile", "trimmed"]
+__all__ = ["LinearLogits", "Logits", "check_linear", "logits_tile", "matmul", "operand_dtype", "trimmed"]
