@@ -177,8 +177,14 @@ def gather_and_merge(
     meta = gathered[:, -_validation.NUM_META :].tolist()
     # every rank checks the same gathered numbers, so all of them raise (or none does)
     _validation.check_gathered(meta, validate=options.validate, shape=info.lead_shape)
-    # the merge runs in float64: it is O(tokens x ranks) and removes the rounding of the merge itself
-    merged = _stats.merge_stats(gathered[:, : num_stats * rows].reshape(world, num_stats, rows)).to(dtype)
+    if world == 1:
+        # one group: the merge is the identity, except the convention for a row where P has no mass (KL 0)
+        merged = stats.to(dtype)
+        if num_stats == 4:
+            merged[_stats.KL] = torch.where(merged[_stats.LA] == float("-inf"), 0.0, merged[_stats.KL])
+    else:
+        # the merge runs in float64: it is O(tokens x ranks) and removes the rounding of the merge itself
+        merged = _stats.merge_stats(gathered[:, : num_stats * rows].reshape(world, num_stats, rows)).to(dtype)
     lse_a, ent = merged[_stats.LA], merged[_stats.ENT]
     two = num_stats == 4
     lse_b, kl = (merged[_stats.LB], merged[_stats.KL]) if two else (None, None)

@@ -81,54 +81,51 @@ def local_meta(
     """The metadata vector of this rank, ``[NUM_META]`` float64 on the stats' device.
 
     Non-finite inputs show up in the per-token stats for free: a NaN anywhere in a row makes its log-sum-exp NaN,
-    a ``+inf`` makes it ``+inf``. So no extra pass over the logits is needed.
+    a ``+inf`` makes it ``+inf``. So no extra pass over the logits is needed. What is known on the host travels to
+    the device in one copy and what is computed on the device is a handful of small kernels (a GPU call pays a launch
+    for each), so the vector costs a few launches whatever it holds.
     """
     device = stats.device
-    la = stats[0]
-    bad_p_nan = torch.isnan(la)
-    bad_p_inf = la == float("inf")
-    bad = bad_p_nan | bad_p_inf
-    values: list[Tensor | float] = [0.0] * NUM_META
-    values[P_NAN] = bad_p_nan.sum()
-    values[P_POSINF] = bad_p_inf.sum()
-    if stats.shape[0] == 4:
-        lb = stats[2]
-        bad_q_nan, bad_q_inf = torch.isnan(lb), lb == float("inf")
-        values[Q_NAN], values[Q_POSINF] = bad_q_nan.sum(), bad_q_inf.sum()
-        bad = bad | bad_q_nan | bad_q_inf
-    # index of the first bad row (argmax returns the first maximum), or -1 when every row is finite
-    if bad.numel():
-        values[FIRST_BAD] = torch.where(bad.any(), bad.to(torch.uint8).argmax(), -1)
-    else:
-        values[FIRST_BAD] = -1.0
-    has_tokens = tokens is not None and tokens.numel() > 0
-    values[TOKEN_MIN] = tokens.min() if has_tokens else 0.0  # type: ignore[union-attr]
-    values[TOKEN_MAX] = tokens.max() if has_tokens else 0.0  # type: ignore[union-attr]
-    values[HAS_TOKENS] = float(tokens is not None)
+    layout = info.layout
+    host = [0.0] * NUM_META
+    host[KEPT] = float(info.kept)
+    host[START] = float(layout.start)
+    host[STOP] = float(layout.stop)
+    host[LAYOUT_GIVEN] = float(info.layout_given)
+    host[DECLARED_VOCAB] = -1.0 if layout.vocab_size is None else float(layout.vocab_size)
+    host[VALID_VOCAB] = -1.0 if layout.valid_vocab_size is None else float(layout.valid_vocab_size)
+    host[HAS_TOKENS] = float(tokens is not None)
+    host[ROWS] = float(info.rows)
+    host[SHAPE] = float(_shape_code(info.lead_shape))
+    host[P_DTYPE] = float(_DTYPE_CODES.get(info.p_dtype, 9))
+    host[Q_DTYPE] = -1.0 if info.q_dtype is None else float(_DTYPE_CODES.get(info.q_dtype, 9))
+    host[TEMPERATURE] = info.temperature
+    host[NAN_POLICY] = float(NAN_POLICIES.index(info.nan_policy))
+    host[OPTIONS] = float(info.options_code)
+    host[FIRST_BAD] = -1.0
+    # no row to look at (or logits that come from hidden states): never looks like probabilities
+    host[ROW0_MIN], host[ROW0_MAX] = -1.0, 2.0
+    out = torch.tensor(host, dtype=torch.float64).to(device)
+
+    # NaN and +inf rows of P (and Q): counts per kind, and the first bad row
+    two = stats.shape[0] == 4
+    lse = stats[[0, 2]] if two else stats[:1]
+    flags = torch.cat((torch.isnan(lse), lse == float("inf")))  # [NaN P, (NaN Q,) +inf P, (+inf Q)] x rows
+    kinds = [P_NAN, Q_NAN, P_POSINF, Q_POSINF] if two else [P_NAN, P_POSINF]
+    out[kinds] = flags.sum(dim=1).to(torch.float64)
+    if flags.shape[1]:
+        bad = flags.any(dim=0)
+        # argmax returns the first maximum: the first bad row, or -1 when every row is finite
+        out[FIRST_BAD] = torch.where(bad.any(), bad.to(torch.uint8).argmax(), -1).to(torch.float64)
+    if tokens is not None and tokens.numel() > 0:
+        out[[TOKEN_MIN, TOKEN_MAX]] = torch.stack((tokens.min(), tokens.max())).to(torch.float64)
     if mask is not None and mask.numel() and mask.dtype != torch.bool:
-        values[MASK_BAD] = ((mask != 0) & (mask != 1)).sum()
+        out[MASK_BAD] = ((mask != 0) & (mask != 1)).sum().to(torch.float64)
     # the first row's sum, min and max over the real columns: probabilities passed as logits sum to 1 in [0, 1]
     if row0 is not None and row0.numel():
         first = row0.double()
-        values[ROW0_SUM], values[ROW0_MIN], values[ROW0_MAX] = first.sum(), first.min(), first.max()
-    else:
-        # no row to look at (or logits that come from hidden states): never looks like probabilities
-        values[ROW0_MIN], values[ROW0_MAX] = -1.0, 2.0
-    layout = info.layout
-    values[KEPT] = float(info.kept)
-    values[START] = float(layout.start)
-    values[STOP] = float(layout.stop)
-    values[LAYOUT_GIVEN] = float(info.layout_given)
-    values[DECLARED_VOCAB] = -1.0 if layout.vocab_size is None else float(layout.vocab_size)
-    values[VALID_VOCAB] = -1.0 if layout.valid_vocab_size is None else float(layout.valid_vocab_size)
-    values[ROWS] = float(info.rows)
-    values[SHAPE] = float(_shape_code(info.lead_shape))
-    values[P_DTYPE] = float(_DTYPE_CODES.get(info.p_dtype, 9))
-    values[Q_DTYPE] = -1.0 if info.q_dtype is None else float(_DTYPE_CODES.get(info.q_dtype, 9))
-    values[TEMPERATURE] = info.temperature
-    values[NAN_POLICY] = float(NAN_POLICIES.index(info.nan_policy))
-    values[OPTIONS] = float(info.options_code)
-    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+        out[[ROW0_SUM, ROW0_MIN, ROW0_MAX]] = torch.stack((first.sum(), first.min(), first.max()))
+    return out
 
 
 def _disagree(meta: list[list[float]], index: int) -> bool:
