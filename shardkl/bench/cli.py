@@ -33,7 +33,7 @@ PRESETS: dict[str, dict[str, object]] = {
     # one GPU: a TP=8 shard of a 152k vocabulary at 32k tokens (the design's roofline point), and a sweep
     "gpu": {"target": "32768x19008", "target_dtypes": "bfloat16,float32", "sweep_tokens": 8192,
             "vocabs": "19008,64000,151936", "dtypes": "bfloat16,float32", "world_sizes": "1",
-            "impls": "eager,compiled,triton", "reps": 10},
+            "impls": "compiled,triton", "reps": 10},
 }
 IMPLS = ("eager", "compiled", "triton", "auto")
 
