@@ -36,7 +36,7 @@ from shardkl.linear import logits_tile, matmul, operand_dtype
 # tile and the kernels' temporaries are a few MiB (in cache, and ~4% of the logits at 2048 x 32k); on a GPU a tile
 # must fill the device (a [1024, 4096] fp32 tile is 16 MiB, against 1.2 GB of bf16 logits at 32k x 19k).
 TILE_ELEMENTS = 1 << 18
-MAX_TILE_COLS = 2048
+MAX_TILE_COLS = 512
 CUDA_TILE_ELEMENTS = 1 << 22
 CUDA_MAX_TILE_COLS = 4096
 

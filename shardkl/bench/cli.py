@@ -8,7 +8,7 @@ import resource
 import sys
 from pathlib import Path
 
-from shardkl.bench import measure, report
+from shardkl.bench import fused, measure, report
 
 DESCRIPTION = """\
 Time shardkl against the read-once floor and the usual baselines, side by side in one run.
@@ -22,18 +22,27 @@ table, a summary and plot.png follow at the end.
 Every time is also given as a ratio to the floor (x floor): the time to read both inputs once (a.sum() + b.sum())
 at the same point in the same run. --device cuda adds the achieved memory bandwidth and its share of the GPU's
 peak (see --preset gpu).
+
+--preset fused (about five minutes) measures exact KL straight from hidden states (shardkl.LinearLogits) against
+the same two matmuls followed by exact_kl, on one and two ranks, at 2048 tokens x 512 hidden x 32,000 vocabulary:
+time, the fused time against its recomputation bound, and peak memory in % of one side's logits.
 """
 
 PRESETS: dict[str, dict[str, object]] = {
     "default": {"target": "2048x32000", "target_dtypes": "float32", "sweep_tokens": 256,
                 "vocabs": "4000,32000,128000", "dtypes": "float32,bfloat16", "world_sizes": "1,2",
-                "impls": "eager,compiled", "reps": 5},
+                "impls": "eager,compiled", "reps": 5, "fused": "none", "logits": True},
     "quick": {"target": "64x3000", "target_dtypes": "float32", "sweep_tokens": 64, "vocabs": "500,3000",
-              "dtypes": "float32", "world_sizes": "1,2", "impls": "eager,compiled", "reps": 3},
+              "dtypes": "float32", "world_sizes": "1,2", "impls": "eager,compiled", "reps": 3,
+              "fused": "64x32x3000", "logits": True},
+    # exact KL from hidden states (LinearLogits) against two matmuls + exact_kl, one and two ranks (~3 min)
+    "fused": {"target": "2048x32000", "target_dtypes": "float32", "sweep_tokens": 256, "vocabs": "32000",
+              "dtypes": "float32", "world_sizes": "1,2", "impls": "compiled", "reps": 5, "fused": "2048x512x32000",
+              "logits": False},
     # one GPU: a TP=8 shard of a 152k vocabulary at 32k tokens (the design's roofline point), and a sweep
     "gpu": {"target": "32768x19008", "target_dtypes": "bfloat16,float32", "sweep_tokens": 8192,
             "vocabs": "19008,64000,151936", "dtypes": "bfloat16,float32", "world_sizes": "1",
-            "impls": "compiled,triton", "reps": 10},
+            "impls": "compiled,triton", "reps": 10, "fused": "8192x4096x19008", "logits": True},
 }
 IMPLS = ("eager", "compiled", "triton", "auto")
 
@@ -64,6 +73,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--impls", help=f"shardkl implementations, of {', '.join(IMPLS)} (preset: eager,compiled)")
     p.add_argument("--reps", type=int, help="timed rounds per point (preset: 5; at least 3)")
     p.add_argument("--forward-only", action="store_true", help="skip forward+backward")
+    p.add_argument("--fused", help="exact KL from hidden states (LinearLogits) against two matmuls + exact_kl, at "
+                                   "TOKENSxHIDDENxVOCAB on every world size, float32 on CPU, bfloat16 on CUDA "
+                                   "(preset default: none; fused: 2048x512x32000; gpu: 8192x4096x19008)")
+    p.add_argument("--logits", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure the logits methods (preset fused: no)")
     p.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=True,
                    help="CPU: let PyTorch back large tensors with transparent huge pages (THP_MEM_ALLOC_ENABLE=1) in "
                         "the measuring processes; without them, fresh gradients cost page faults that dominate "
@@ -73,6 +87,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _config_points(args: argparse.Namespace, world: int) -> tuple[measure.Point, ...]:
+    if not args.logits:
+        return ()
     target = _point(args.target)
     points = []
     if world == 1:
@@ -106,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
     if args.reps < 3:
         p.error("--reps must be at least 3 (a median and a spread need them)")
+    fused_points: tuple[fused.FusedPoint, ...] = ()
+    if args.fused and args.fused != "none":
+        try:
+            fused_points = (fused.fused_point(args.fused, "bfloat16" if args.device == "cuda" else "float32"),)
+        except ValueError as exc:
+            p.error(f"bad --fused: {exc}")
     if args.device == "cuda":
         import torch
 
@@ -125,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     for world in args.world_sizes:
         config = measure.Config(
             points=_config_points(args, world), impls=tuple(args.impls), reps=args.reps, device=args.device,
-            out_file=str(results), huge_pages=huge_pages,
+            out_file=str(results), huge_pages=huge_pages, fused_points=fused_points,
         )
         measure.run_world(world, config)
     rows = measure.read_rows(results)
@@ -134,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.EXPLAIN)
     print()
+    table = fused.format_fused(rows)
+    if table:
+        print(table)
+        print()
     tokens, vocab = _point(args.target)
     for line in report.summary(rows, tokens=tokens, vocab=vocab):
         print(line)

@@ -91,6 +91,7 @@ class Config:
     out_file: str
     huge_pages: bool
     label: str = ""
+    fused_points: tuple[Any, ...] = ()  # shardkl.bench.fused.FusedPoint
 
 
 @dataclass
@@ -119,6 +120,7 @@ class Row:
     load_avg: float
     huge_pages: bool
     error: str = ""
+    hidden: int = 0  # the hidden size, for the fused-linear rows (shardkl.bench.fused)
     machine: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -354,7 +356,7 @@ def run_rank(rank: int, world: int, port: int, config: Config) -> None:
         group = dist.group.WORLD
     try:
         info = machine(config.device)
-        points = list(config.points)
+        points: list[Any] = [*config.points, *config.fused_points]
         bar = None
         if rank == 0:
             from tqdm import tqdm
@@ -362,9 +364,18 @@ def run_rank(rank: int, world: int, port: int, config: Config) -> None:
             bar = tqdm(total=len(points), desc=f"{config.label}world size {world}", unit="point", file=sys.stderr,
                        dynamic_ncols=True, leave=True)
         for point in points:
+            linear = not isinstance(point, Point)
             if bar is not None:
-                bar.set_postfix_str(f"{point.dtype} {point.tokens}x{point.vocab}")
-            rows = measure_point(point, config, group, info)
+                shape = f"{point.tokens}x{point.hidden}x{point.vocab} from hidden states" if linear else (
+                    f"{point.tokens}x{point.vocab}")
+                bar.set_postfix_str(f"{point.dtype} {shape}")
+            if linear:
+                from shardkl.bench.fused import measure_fused_point
+
+                rows = measure_fused_point(point, config.reps, group, torch.device(config.device), info,
+                                           config.huge_pages)
+            else:
+                rows = measure_point(point, config, group, info)
             if rank == 0:
                 with open(config.out_file, "a") as f:
                     for row in rows:

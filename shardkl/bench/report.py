@@ -38,8 +38,14 @@ def _bandwidth(row: Row) -> tuple[float, float | None] | None:
     return achieved / 1e9, None if not peak else 100 * achieved / peak
 
 
+def logits_rows(rows: Iterable[Row]) -> list[Row]:
+    """The rows of the logits methods (the fused-linear rows have their own table, ``shardkl.bench.fused``)."""
+    return [r for r in rows if not r.method.startswith("linear:")]
+
+
 def format_table(rows: list[Row]) -> str:
     """One line per (point, method, pass), grouped by world size and dtype."""
+    rows = logits_rows(rows)
     cuda = any(r.device == "cuda" for r in rows)
     head = (f"{'ws':>2} {'dtype':<8} {'tokens':>6} {'vocab':>7}  {'method':<22}{'pass':<17}{'x floor':>8}"
             f"{'median ms':>11}{'p20-p80 ms':>17}{'extra MiB':>11}{'extra':>8}{'coll':>5}{'B/tok/rank':>11}")
@@ -78,6 +84,7 @@ def _get(rows: list[Row], **match: object) -> Row | None:
 
 def summary(rows: list[Row], *, tokens: int, vocab: int) -> list[str]:
     """Plain sentences about the headline point and the collectives, from rows measured in this run."""
+    rows = logits_rows(rows)
     out: list[str] = []
     for dtype in sorted({r.dtype for r in rows if (r.tokens, r.vocab, r.world_size) == (tokens, vocab, 1)},
                         key=lambda d: (d != "float32", d)):
@@ -132,6 +139,7 @@ def plot(rows: list[Row], path: Path) -> bool:
     """Small multiples: one column per (world size, dtype); rows: forward and forward+backward time as a ratio to
     the floor, and extra memory in % of the inputs (linear, so zero is drawn as zero), against the vocabulary
     size at the sweep's token count. Returns ``False`` when there is nothing to draw (or no matplotlib)."""
+    rows = logits_rows(rows)
     try:
         import matplotlib
 

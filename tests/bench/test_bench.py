@@ -38,6 +38,17 @@ def test_quick_bench_writes_jsonl_and_png_with_a_clean_stderr(tmp_path: Path) ->
     assert all(r["collectives"] == 1 for r in forward.values())
     assert all(both[v]["collectives"] == forward[v]["collectives"] for v in forward)
     assert len({r["bytes_sent_per_rank"] / r["tokens"] for r in ours}) == 1
+    # the fused-linear rows: every method and pass on both world sizes; the fused path holds far less memory than
+    # the logits the unfused path materialises, and issues the same one collective per call
+    linear = {(r["method"], r["passes"], r["world_size"]): r for r in rows if r["method"].startswith("linear:")}
+    for world in (1, 2):
+        assert ("linear:matmuls", "forward", world) in linear
+        for passes in ("forward", "forward+backward", "fwd+bwd frozen q"):
+            fused, unfused = linear[("linear:fused", passes, world)], linear[("linear:unfused", passes, world)]
+            assert fused["peak_extra_bytes"] < unfused["peak_extra_bytes"], passes
+            assert fused["collectives"] == unfused["collectives"] == (1 if world == 2 else 0)
+            assert fused["hidden"] == 32
+    assert "x bound (fused only)" in proc.stdout
     megatron = [r for r in rows if r["method"] == "megatron_baseline" and r["passes"] == "forward"]
     assert all(r["collectives"] == 3 for r in megatron)
     # stdout: every table row names its dtype, and the ratio is explained rather than judged against targets
