@@ -105,6 +105,7 @@ class EngineSpec:
         temperature: softmax temperature.
         options: how the call runs.
         entropy: whether the caller reads the entropy (kernels may skip it otherwise).
+        names: the public names of the two inputs, for the messages of the checks.
     """
 
     layout: VocabLayout
@@ -112,6 +113,7 @@ class EngineSpec:
     temperature: float
     options: Options
     entropy: bool = True
+    names: tuple[str, str] = ("p_logits", "q_logits")
 
 
 def _options_code(options: Options) -> int:
@@ -176,7 +178,7 @@ def gather_and_merge(
     world = gathered.shape[0]
     meta = gathered[:, -_validation.NUM_META :].tolist()
     # every rank checks the same gathered numbers, so all of them raise (or none does)
-    _validation.check_gathered(meta, validate=options.validate, shape=info.lead_shape)
+    _validation.check_gathered(meta, validate=options.validate, shape=info.lead_shape, names=spec.names)
     if world == 1:
         # one group: the merge is the identity, except the convention for a row where P has no mass (KL 0)
         merged = stats.to(dtype)

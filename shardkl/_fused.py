@@ -162,19 +162,21 @@ class FusedStatsFunction(torch.autograd.Function):
         rows, vocab, temperature = side_a.rows, side_a.vocab, spec.temperature
         impl = kernels.resolve(spec.options.impl, device, dtype, rows * vocab)
         row_block, col_block = tiles(rows, vocab, device)
-        stats = _empty_stats(two, rows, dtype, device)
+        # the running stats of the vocabulary blocks merge in float64 ([4, rows] only): with 60 blocks of a 32k
+        # vocabulary, fp32 merges would add their rounding to a tiny KL
+        stats = _empty_stats(two, rows, torch.float64, device)
         for c0 in range(0, vocab, col_block):
             cols = slice(c0, min(c0 + col_block, vocab))
             block_a = side_a.block(cols, dtype)
             block_b = None if side_b is None else side_b.block(cols, dtype)
-            part = torch.empty_like(stats)
+            part = torch.empty(stats.shape, dtype=dtype, device=device)
             for r0 in range(0, rows, row_block):
                 rs = slice(r0, min(r0 + row_block, rows))
                 tile_a = side_a.tile(rs, cols, block_a, dtype)
                 tile_b = None if side_b is None else side_b.tile(rs, cols, block_b, dtype)
                 part[:, rs] = impl.stats(tile_a, tile_b, temperature=temperature, dtype=dtype, entropy=spec.entropy)
             # fold this vocabulary block into the running stats (the first fold merges with the identity)
-            stats = part if c0 == 0 else _stats.merge_stats(torch.stack((stats, part)))
+            stats = part.double() if c0 == 0 else _stats.merge_stats(torch.stack((stats, part.double())))
         flat_tokens = None if tokens is None else tokens.reshape(-1)
         token_logits = None
         if flat_tokens is not None:

@@ -40,6 +40,7 @@ class Call(NamedTuple):
             than the default equal-split assumption (checked only where offsets matter).
         temperature: the softmax temperature.
         options: how the call runs.
+        names: the public names of the two inputs, for messages.
     """
 
     p: Tensor | LinearLogits
@@ -50,6 +51,7 @@ class Call(NamedTuple):
     layout_given: bool
     temperature: float
     options: Options
+    names: tuple[str, str] = ("p_logits", "q_logits")
 
 
 def _check_logits(name: str, logits: object) -> Tensor:
@@ -227,7 +229,7 @@ def resolve(
     keep = resolved.kept_size
     p = _trim(p, keep)
     q = None if q is None else _trim(q, keep)
-    return Call(p, q, t, mask, resolved, given, temperature, options)
+    return Call(p, q, t, mask, resolved, given, temperature, options, (p_name, q_name))
 
 
 __all__ = ["Call", "check_mask_shape", "resolve"]

@@ -126,8 +126,12 @@ def leaf_stats(
     # Each term is P_v x_v - P_v + Q_v = P_v g(x_v) >= 0. Where P_v is 0 (a -inf logit, or exp underflow) its
     # limit is Q_v, not 0: that mass of Q outside P's support is summed from exp(b - max) already at hand, so
     # no Q_v = exp(b - lb) has to be recomputed per element.
-    outside = torch.where(ea == 0, eb, zero).sum(dim=-1, keepdim=True) / torch.where(sb == 0, torch.ones_like(sb), sb)
-    kl = torch.where(ea == 0, zero, p * gap(x)).sum(dim=-1) + outside.squeeze(-1)
+    inv_sb = 1 / torch.where(sb == 0, torch.ones_like(sb), sb)
+    outside = torch.where(ea == 0, eb, zero).sum(dim=-1, keepdim=True) * inv_sb
+    # Where P_v < Q_v / e, the term is written P x - P + Q: Q dominates (no cancellation), and g(x) itself would
+    # overflow in fp32 below x = -88 (P = 5e-42, Q = 1 gives P * inf = inf instead of ~Q).
+    term = torch.where(x < -1, p * x - p + eb * inv_sb, p * gap(x))
+    kl = torch.where(ea == 0, zero, term).sum(dim=-1) + outside.squeeze(-1)
     return torch.stack((la, ent, lb, kl))
 
 

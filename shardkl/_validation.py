@@ -172,7 +172,9 @@ def _check_layout(meta: list[list[float]], *, offsets_used: bool) -> int:
     return total
 
 
-def check_gathered(meta: list[list[float]], *, validate: bool, shape: torch.Size) -> int:
+def check_gathered(
+    meta: list[list[float]], *, validate: bool, shape: torch.Size, names: tuple[str, str] = ("p_logits", "q_logits")
+) -> int:
     """Raise the same ``ValueError`` on every rank if the ranks' calls do not fit together.
 
     Args:
@@ -180,6 +182,7 @@ def check_gathered(meta: list[list[float]], *, validate: bool, shape: torch.Size
         validate: run the cross-rank agreement checks (the layout, token-range, mask and NaN checks always run:
             they are what keeps a wrong offset, token id or NaN from becoming a plausible number).
         shape: this rank's leading shape, for the message.
+        names: the public names of the two inputs, for the messages.
 
     Returns:
         The number of real vocabulary ids (``valid_vocab_size``, or the padded size without one).
@@ -191,7 +194,7 @@ def check_gathered(meta: list[list[float]], *, validate: bool, shape: torch.Size
                 f"ranks passed logits with different leading shapes (this rank: {tuple(shape)}); token counts "
                 f"per rank: {_per_rank(meta, ROWS)}. Every rank of the group must pass the same tokens"
             )
-        for index, name in ((P_DTYPE, "p_logits"), (Q_DTYPE, "q_logits")):
+        for index, name in ((P_DTYPE, names[0]), (Q_DTYPE, names[1])):
             if _disagree(meta, index):
                 dtypes = ", ".join(f"rank {r}: {codes.get(int(row[index]), 'none')}" for r, row in enumerate(meta))
                 raise ValueError(f"ranks passed {name} of different dtypes ({dtypes}); use one dtype on every rank")
@@ -218,10 +221,10 @@ def check_gathered(meta: list[list[float]], *, validate: bool, shape: torch.Size
     if meta[0][NAN_POLICY] == NAN_POLICIES.index("raise"):
         for r, row in enumerate(meta):
             for index, name, what in (
-                (P_NAN, "p_logits", "NaN"),
-                (P_POSINF, "p_logits", "+inf"),
-                (Q_NAN, "q_logits", "NaN"),
-                (Q_POSINF, "q_logits", "+inf"),
+                (P_NAN, names[0], "NaN"),
+                (P_POSINF, names[0], "+inf"),
+                (Q_NAN, names[1], "NaN"),
+                (Q_POSINF, names[1], "+inf"),
             ):
                 if row[index] > 0:
                     raise ValueError(
@@ -229,14 +232,14 @@ def check_gathered(meta: list[list[float]], *, validate: bool, shape: torch.Size
                         f"(first at flat token index {int(row[FIRST_BAD])}); logits must be finite or -inf. "
                         "Pass options=shardkl.Options(nan_policy='propagate') to get NaN results for those tokens"
                     )
-    _warn_if_probabilities(meta, valid)
+    _warn_if_probabilities(meta, valid, names[0])
     return valid
 
 
 _warned_probabilities = False
 
 
-def _warn_if_probabilities(meta: list[list[float]], valid: int) -> None:
+def _warn_if_probabilities(meta: list[list[float]], valid: int, name: str) -> None:
     """Warn once per process when the first row looks like probabilities, not logits: every value in [0, 1]
     and the row summing to 1 over the whole vocabulary."""
     global _warned_probabilities
@@ -249,7 +252,7 @@ def _warn_if_probabilities(meta: list[list[float]], valid: int) -> None:
     if low >= 0.0 and high <= 1.0 and abs(total - 1.0) < 1e-2:
         _warned_probabilities = True
         warnings.warn(
-            "shardkl: the first row of p_logits lies in [0, 1] and sums to 1 over the vocabulary: these look like "
+            f"shardkl: the first row of {name} lies in [0, 1] and sums to 1 over the vocabulary: these look like "
             "probabilities, not logits. Pass logits (or log-probabilities); softmax of probabilities is nearly "
             "uniform and gives a KL near 0",
             UserWarning,

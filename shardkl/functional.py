@@ -56,7 +56,7 @@ def _side(x: Tensor | LinearLogits | None) -> tuple[Tensor | None, Tensor | None
 
 def run_engine(call: Call, *, entropy: bool = True) -> KLStats:
     """The engine on a resolved call: one collective, all per-token results (``q`` may be ``None``)."""
-    spec = EngineSpec(call.layout, call.layout_given, call.temperature, call.options, entropy)
+    spec = EngineSpec(call.layout, call.layout_given, call.temperature, call.options, entropy, call.names)
     if isinstance(call.p, LinearLogits) or isinstance(call.q, LinearLogits):
         kl, ent, logp, logq = FusedStatsFunction.apply(*_side(call.p), *_side(call.q), call.tokens, call.mask, spec)
     else:

@@ -146,6 +146,17 @@ def test_q_mass_outside_p_support_counts(dtype, small_chunks) -> None:
     torch.testing.assert_close(shardkl.exact_kl(a, b).double(), ref, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("impl", ["eager", "compiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_p_under_large_q_does_not_overflow(impl, dtype) -> None:
+    # P_v = e^-95 (fp32 can hold it) where Q_v is O(1): x = log P_v - log Q_v = -90, and g(x) = x + expm1(-x)
+    # overflows fp32; the term P x - P + Q does not (it is ~Q_v)
+    a = torch.tensor([[0.0, -95.0, -5.0], [0.0, -5.0, -95.0]]).to(dtype)
+    b = a.flip(0)
+    got = shardkl.exact_kl(a, b, options=shardkl.Options(impl=impl))
+    torch.testing.assert_close(got.double(), reference(a, b)["exact_kl"], rtol=1e-5, atol=1e-7)
+
+
 def test_inputs_are_not_modified(small_chunks) -> None:
     a, b = _logits((4, 77))
     a, b = a.float().requires_grad_(), b.float().requires_grad_()

@@ -54,7 +54,7 @@ def _mismatches(rank: int, world: int) -> None:
     _expect_same_error("different leading shapes", lambda: shardkl.exact_kl(shaped, shaped, group=group))
     # different dtypes
     typed = x if rank == 0 else x.to(torch.bfloat16)
-    _expect_same_error("p_logits of different dtypes", lambda: shardkl.entropy(typed, group=group))
+    _expect_same_error("ranks passed logits of different dtypes", lambda: shardkl.entropy(typed, group=group))
     # a declared vocabulary size that the shards do not add up to
     _expect_same_error(
         rf"hold {VOCAB} ids, but the layout declares vocab_size={VOCAB + 1}",

@@ -26,9 +26,10 @@ def test_nan_raises_by_default_and_propagates_on_request() -> None:
     kl = shardkl.exact_kl(a, b, options=shardkl.Options(nan_policy="propagate"))
     assert math.isnan(kl[1].item()) and torch.isfinite(kl[[0, 2]]).all()
     a[2, 0] = float("nan")
-    with pytest.raises(ValueError, match="p_logits holds NaN"):
+    # single-input functions name their argument `logits`
+    with pytest.raises(ValueError, match="^logits holds NaN"):
         shardkl.entropy(a)
-    with pytest.raises(ValueError, match="p_logits holds NaN"):
+    with pytest.raises(ValueError, match="^logits holds NaN"):
         shardkl.token_logprobs(a, torch.zeros(3, dtype=torch.long))
 
 
@@ -154,3 +155,16 @@ def test_declared_vocab_size_that_matches_passes() -> None:
     a, b = _pair()
     layout = shardkl.VocabLayout.full(40)
     torch.testing.assert_close(shardkl.exact_kl(a, b, layout=layout), shardkl.exact_kl(a, b))
+
+
+def test_messages_name_the_argument_as_the_caller_wrote_it() -> None:
+    a = torch.zeros(2, 5)
+    b = a.clone()
+    b[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="^logits holds NaN"):
+        shardkl.entropy(b)
+    # jsd at beta = 1 is KL(Q||P): the engine runs with the inputs exchanged, the message still says q_logits
+    with pytest.raises(ValueError, match="^q_logits holds NaN"):
+        shardkl.jsd(a, b, beta=1.0)
+    with pytest.raises(ValueError, match="^q_logits holds NaN"):
+        shardkl.jsd(a, b, beta=0.0)
