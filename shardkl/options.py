@@ -53,8 +53,9 @@ class Options:
     """How a shardkl call runs; the same for every rank of the group.
 
     Args:
-        impl: kernels: ``"auto"`` (default), ``"eager"``, ``"compiled"`` (``torch.compile``) or ``"triton"`` (CUDA).
-            All give the same results to fp32 rounding; see ``docs/performance.md``.
+        impl: kernels: ``"auto"`` (default), ``"eager"``, ``"compiled"`` (CPU: native C++ kernels; CUDA:
+            ``torch.compile``) or ``"triton"`` (CUDA). All give the same results to fp32 rounding; see
+            ``docs/performance.md``.
         validate: check that the ranks' calls fit together (shapes, dtypes, temperature, options), folded into the
             one collective. The vocabulary layout, token ids, masks and NaN logits are always checked.
         nan_policy: ``"raise"``: a NaN or ``+inf`` logit raises ``ValueError`` on every rank; ``"propagate"``: the
