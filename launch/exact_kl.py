@@ -43,16 +43,12 @@ class LaunchOptions:
 
 
 def main(argv: list[str]) -> int:
-    from shardkl.apps.cli import ConfigError, parse_config
+    from shardkl.apps.cli import parse_or_exit
     from shardkl.apps.experiment import ExperimentConfig
 
-    try:
-        config, options = parse_config(
-            [ExperimentConfig, LaunchOptions], argv, prog=PROG, description=DESCRIPTION, epilog=EPILOG
-        )
-    except ConfigError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    config, options = parse_or_exit(
+        [ExperimentConfig, LaunchOptions], argv, prog=PROG, description=DESCRIPTION, epilog=EPILOG
+    )
 
     from shardkl import CollectiveError, set_collective_timeout
     from shardkl.apps import runtime

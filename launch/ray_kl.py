@@ -63,7 +63,7 @@ class RayOptions:
 def main(argv: list[str], *, on_stage: Any = None) -> int:
     """Run the launcher; ``on_stage`` is handed to :func:`shardkl.apps.ray_job.run_on_ray` (the failure tests use
     it to kill or stall a worker)."""
-    from shardkl.apps.cli import ConfigError, parse_config
+    from shardkl.apps.cli import ConfigError, parse_config, require
     from shardkl.apps.experiment import ExperimentConfig
 
     try:
@@ -76,11 +76,7 @@ def main(argv: list[str], *, on_stage: Any = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
 
-    import importlib.util
-
-    if importlib.util.find_spec("ray") is None:
-        print(f"{PROG}: error: needs Ray: pip install -e '.[ray]'", file=sys.stderr)
-        return 1
+    require(PROG, "ray", "needs Ray: pip install -e '.[ray]'")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from shardkl.apps import runtime
     from shardkl.apps.progress import StageLog, Timeline

@@ -49,25 +49,18 @@ class LaunchOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shardkl.apps.cli import ConfigError, parse_config
+    from shardkl.apps.cli import parse_or_exit, require
     from shardkl.apps.grpo import TPConfig
 
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        config, options = parse_config([TPConfig, LaunchOptions], argv, prog=PROG, description=DESCRIPTION,
-                                       epilog=EPILOG)
-    except ConfigError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    config, options = parse_or_exit(
+        [TPConfig, LaunchOptions], argv, prog=PROG, description=DESCRIPTION, epilog=EPILOG
+    )
 
+    require(PROG, "transformers", "the model needs transformers: pip install transformers")
     import dataclasses
-    import importlib.util
     import platform
     import time
-
-    if importlib.util.find_spec("transformers") is None:
-        print(f"{PROG}: error: the model needs transformers: pip install transformers", file=sys.stderr)
-        return 1
 
     import torch
     import torch.distributed as dist

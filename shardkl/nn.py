@@ -16,7 +16,23 @@ from shardkl.options import Options, check_options
 from shardkl.reduction import Reduction, check_reduction
 
 
-class KLPenalty(nn.Module):
+class _SharesProcessGroup(nn.Module):
+    """A module holding a process group (and a layout that refers to one): a deep copy shares them, since a process
+    group cannot be copied."""
+
+    group: ProcessGroup | None
+    layout: VocabLayout | None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        memo[id(self.group)] = self.group
+        if self.layout is not None:
+            memo[id(self.layout)] = self.layout
+        clone = copy.copy(self)
+        clone.__dict__ = copy.deepcopy(self.__dict__, memo)
+        return clone
+
+
+class KLPenalty(_SharesProcessGroup):
     """``kl_coef · KL(π‖π_ref)`` penalty of sharded logits, as a module; see :func:`shardkl.kl_penalty`.
 
     Args:
@@ -82,22 +98,13 @@ class KLPenalty(nn.Module):
         )
         return value * self.kl_coef if self.kl_coef != 1.0 else value
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> KLPenalty:
-        # process groups cannot be copied: the copy shares them
-        memo[id(self.group)] = self.group
-        if self.layout is not None:
-            memo[id(self.layout)] = self.layout
-        clone = copy.copy(self)
-        clone.__dict__ = copy.deepcopy(self.__dict__, memo)
-        return clone
-
     def extra_repr(self) -> str:
         return (
             f"estimator={self.estimator!r}, kl_coef={self.kl_coef}, reduction={self.reduction!r}, clamp={self.clamp}"
         )
 
 
-class DistillationLoss(nn.Module):
+class DistillationLoss(_SharesProcessGroup):
     """Distillation loss of sharded student logits against a teacher, as a module; see
     :func:`shardkl.distillation_loss`.
 
@@ -160,15 +167,6 @@ class DistillationLoss(nn.Module):
             valid_vocab_size=self.valid_vocab_size,
             options=self.options,
         )
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> DistillationLoss:
-        # process groups cannot be copied: the copy shares them
-        memo[id(self.group)] = self.group
-        if self.layout is not None:
-            memo[id(self.layout)] = self.layout
-        clone = copy.copy(self)
-        clone.__dict__ = copy.deepcopy(self.__dict__, memo)
-        return clone
 
     def extra_repr(self) -> str:
         beta = "" if self.beta is None else f", beta={self.beta}"

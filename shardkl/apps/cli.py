@@ -17,7 +17,9 @@ every rank fails the same way.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -119,6 +121,24 @@ def build_parser(sections: Sequence[type], *, prog: str, description: str, epilo
     for cls in sections:
         parser.add_class_arguments(cls, nested_key=None, as_group=True)
     return parser
+
+
+def parse_or_exit(
+    sections: Sequence[type], argv: Sequence[str], *, prog: str, description: str, epilog: str = ""
+) -> list[Any]:
+    """:func:`parse_config`, or ``PROG: error: LINE`` on stderr and exit status 2 (before any process group)."""
+    try:
+        return parse_config(sections, argv, prog=prog, description=description, epilog=epilog)
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def require(prog: str, module: str, hint: str) -> None:
+    """Exit with status 1 and one line when an optional dependency of a launcher is not installed."""
+    if importlib.util.find_spec(module) is None:
+        print(f"{prog}: error: {hint}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def parse_config(
