@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -184,6 +186,10 @@ def test_grpo_loss_terms() -> None:
 
 
 def _check_kinds_sharded(rank: int, world: int) -> None:
+    # a module holding a process group deep-copies (the copy shares the group, which cannot be copied)
+    module = shardkl.nn.KLPenalty("k3+", kl_coef=0.5, layout=local_layout(split_sizes(101, world), rank))
+    clone = copy.deepcopy(module)
+    assert clone.layout is module.layout and clone.kl_coef == 0.5
     sizes = split_sizes(101, world, "uneven")
     g = torch.Generator().manual_seed(8)
     a = torch.randn(3, 7, 101, generator=g, dtype=torch.float64)
