@@ -133,6 +133,14 @@ def _empty_stats(two: bool, rows: int, dtype: torch.dtype, device: torch.device)
     return out
 
 
+def _merge_blocks(parts: Tensor, group: int = 16) -> Tensor:
+    """The merged stats of ``[blocks, num_stats, rows]`` block stats, in float64, ``group`` blocks at a time: the
+    merge's temporaries are then ``[group, rows]`` arrays, not ``[blocks, rows]`` ones (a few MiB at 60 blocks)."""
+    while parts.shape[0] > 1:
+        parts = torch.stack([_stats.merge_stats(parts[i : i + group].double()) for i in range(0, len(parts), group)])
+    return parts[0]
+
+
 class FusedStatsFunction(torch.autograd.Function):
     """Per-token ``(kl, entropy, logp, logq)`` where either side may be given as ``hidden @ weight.T + bias``.
 
@@ -162,21 +170,23 @@ class FusedStatsFunction(torch.autograd.Function):
         rows, vocab, temperature = side_a.rows, side_a.vocab, spec.temperature
         impl = kernels.resolve(spec.options.impl, device, dtype, rows * vocab)
         row_block, col_block = tiles(rows, vocab, device)
-        # the running stats of the vocabulary blocks merge in float64 ([4, rows] only): with 60 blocks of a 32k
-        # vocabulary, fp32 merges would add their rounding to a tiny KL
-        stats = _empty_stats(two, rows, torch.float64, device)
-        for c0 in range(0, vocab, col_block):
+        starts = range(0, vocab, col_block)
+        # the stats of every vocabulary block ([blocks, 4, rows]: a few floats per token and block), merged once at
+        # the end in float64 (with 60 blocks of a 32k vocabulary, fp32 merges would add their rounding to a tiny KL;
+        # one merge instead of one per block also saves ~30 small kernels per block on a GPU)
+        parts = torch.empty(len(starts), _stats.num_stats(two), rows, dtype=dtype, device=device)
+        for block, c0 in enumerate(starts):
             cols = slice(c0, min(c0 + col_block, vocab))
             block_a = side_a.block(cols, dtype)
             block_b = None if side_b is None else side_b.block(cols, dtype)
-            part = torch.empty(stats.shape, dtype=dtype, device=device)
             for r0 in range(0, rows, row_block):
                 rs = slice(r0, min(r0 + row_block, rows))
                 tile_a = side_a.tile(rs, cols, block_a, dtype)
                 tile_b = None if side_b is None else side_b.tile(rs, cols, block_b, dtype)
-                part[:, rs] = impl.stats(tile_a, tile_b, temperature=temperature, dtype=dtype, entropy=spec.entropy)
-            # fold this vocabulary block into the running stats (the first fold merges with the identity)
-            stats = part.double() if c0 == 0 else _stats.merge_stats(torch.stack((stats, part.double())))
+                parts[block, :, rs] = impl.stats(
+                    tile_a, tile_b, temperature=temperature, dtype=dtype, entropy=spec.entropy
+                )
+        stats = _empty_stats(two, rows, dtype, device) if len(starts) == 0 else _merge_blocks(parts)
         flat_tokens = None if tokens is None else tokens.reshape(-1)
         token_logits = None
         if flat_tokens is not None:
