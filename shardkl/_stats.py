@@ -10,7 +10,7 @@ A group of columns (a chunk, a shard, a whole row) is summarised per token by a 
 Two groups merge by the chain rule of KL and of entropy, in which every term is non-negative, so nothing
 cancels even when the KL is 1e-9 (the textbook ``E_P[a - b] - (la - lb)`` loses all digits there). The merge
 folds vocabulary chunks inside a rank and, after one all-gather, the ranks. A group with no mass (no columns,
-or all ``-inf``) is an identity of the merge. ``../shared/DESIGN.md`` has the derivation.
+or all ``-inf``) is an identity of the merge. ``docs/design.md`` has the derivation.
 
 Rows of a stats tensor, shape ``[F, rows]``: ``LA, ENT`` and, with two inputs, ``LB, KL``.
 """
