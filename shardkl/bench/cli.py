@@ -152,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         measure.run_world(world, config)
     rows = measure.read_rows(results)
     print()
-    print(report.format_table(rows))
-    print()
-    print(report.EXPLAIN)
-    print()
+    if report.logits_rows(rows):
+        print(report.format_table(rows))
+        print()
+        print(report.EXPLAIN)
+        print()
     table = fused.format_fused(rows)
     if table:
         print(table)
