@@ -384,7 +384,12 @@ def run_rank(rank: int, world: int, port: int, config: Config) -> None:
                 bar.update()
         if bar is not None:
             bar.close()
-        _barrier(group)
+        if group is not None:
+            # Leave through dist.barrier, whose buffers are C++ tensors: a gloo worker thread may drop its reference
+            # to the last all-gather's Python tensors after wait() returns; if the interpreter is already shutting
+            # down, taking the GIL for that ends the thread and the process aborts ("terminate called without an
+            # active exception"). CI saw it once in the two-rank run (not reproduced in about 100 local runs).
+            dist.barrier(group=group)
     finally:
         if world > 1:
             dist.destroy_process_group()
