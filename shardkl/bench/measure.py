@@ -343,7 +343,10 @@ def _quiet() -> None:
 
 
 def run_rank(rank: int, world: int, port: int, config: Config) -> None:
-    """One rank of a run: set up the group, measure every point, append rank 0's rows to the JSONL file."""
+    """One rank of a run: set up the group, measure every point, append rank 0's rows to the JSONL file.
+
+    Runs in a process of its own (:func:`run_world`); with several ranks it ends that process (``os._exit``).
+    """
     import torch.distributed as dist
 
     _quiet()
@@ -359,8 +362,11 @@ def run_rank(rank: int, world: int, port: int, config: Config) -> None:
         points: list[Any] = [*config.points, *config.fused_points]
         bar = None
         if rank == 0:
+            import threading
+
             from tqdm import tqdm
 
+            tqdm.set_lock(threading.RLock())  # one writer: no multiprocessing lock to release at exit (os._exit)
             bar = tqdm(total=len(points), desc=f"{config.label}world size {world}", unit="point", file=sys.stderr,
                        dynamic_ncols=True, leave=True)
         for point in points:
@@ -384,15 +390,16 @@ def run_rank(rank: int, world: int, port: int, config: Config) -> None:
                 bar.update()
         if bar is not None:
             bar.close()
-        if group is not None:
-            # Leave through dist.barrier, whose buffers are C++ tensors: a gloo worker thread may drop its reference
-            # to the last all-gather's Python tensors after wait() returns; if the interpreter is already shutting
-            # down, taking the GIL for that ends the thread and the process aborts ("terminate called without an
-            # active exception"). CI saw it once in the two-rank run (not reproduced in about 100 local runs).
-            dist.barrier(group=group)
+        _barrier(group)
     finally:
         if world > 1:
             dist.destroy_process_group()
+    if world > 1:
+        # Every row is on disk and the group is gone: skip the interpreter's teardown, which CI saw abort now and
+        # then in spawned gloo ranks ("terminate called without an active exception") inside torch's own shutdown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def run_world(world: int, config: Config) -> None:
