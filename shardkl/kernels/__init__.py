@@ -94,6 +94,23 @@ def scaled(x: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
     return x if temperature == 1.0 else x / temperature
 
 
+def row_major(x: Tensor) -> Tensor:
+    """``x`` itself when its columns are contiguous (any row stride), else a contiguous copy."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+def drop_b_without_lse(
+    b: Tensor | None, grad_b: Tensor | None, inputs: GradInputs
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(b, grad_b)`` for a backward; ``(None, None)`` after zeroing ``grad_b`` when no lse of Q was saved, since
+    then nothing flows to ``b`` (as in the eager path)."""
+    if b is None or inputs.lse_b is not None:
+        return b, grad_b
+    if grad_b is not None:
+        grad_b.zero_()
+    return None, None
+
+
 def check_impl(impl: object) -> None:
     """Raise ``ValueError`` for an unknown ``impl``."""
     if impl not in IMPLS:

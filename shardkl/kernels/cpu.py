@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from shardkl import _stats
-from shardkl.kernels import GradInputs, Kernels
+from shardkl.kernels import GradInputs, Kernels, drop_b_without_lse, row_major
 
 # Columns per leaf: as the eager tiling's vocabulary chunk, so both group a long row the same way. A leaf's
 # scratch (2 x 128 KiB per thread) and its inputs stay in a core's L2 cache between passes.
@@ -71,11 +71,6 @@ def build(p_dtype: torch.dtype, q_dtype: torch.dtype | None = None) -> None:
     _kernel(p_dtype, p_dtype if q_dtype is None else q_dtype)
 
 
-def _row_major(x: Tensor) -> Tensor:
-    """``x`` itself when its columns are contiguous (any row stride), else a contiguous copy."""
-    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
-
-
 def _threads(rows: int) -> int:
     return max(1, min(torch.get_num_threads(), rows))
 
@@ -92,8 +87,8 @@ def stats(a: Tensor, b: Tensor | None, *, temperature: float, dtype: torch.dtype
     out = torch.empty(_stats.num_stats(b is not None), rows, dtype=torch.float32, device=a.device)
     if rows == 0:
         return out
-    a = _row_major(a)
-    b = None if b is None else _row_major(b)
+    a = row_major(a)
+    b = None if b is None else row_major(b)
     threads = _threads(rows)
     padded = -(-min(cols, MAX_CHUNK) // _PAD) * _PAD
     scratch = torch.empty(threads, 2, padded, dtype=torch.float32, device=a.device)
@@ -118,18 +113,14 @@ def grads(
     """Gradients of a ``[rows, V_local]`` block (see :class:`shardkl.kernels.Kernels`)."""
     _check_dtype(dtype)
     rows, cols = a.shape
-    if b is not None and inputs.lse_b is None:
-        # no saved lse of Q: nothing flows to b (as in the eager path)
-        if grad_b is not None:
-            grad_b.zero_()
-        b = grad_b = None
+    b, grad_b = drop_b_without_lse(b, grad_b, inputs)
     if rows == 0 or (grad_a is None and grad_b is None):
         return
     for grad in (grad_a, grad_b):
         if grad is not None and not grad.is_contiguous():
             raise ValueError("gradient outputs must be contiguous")
-    a = _row_major(a)
-    b = None if b is None else _row_major(b)
+    a = row_major(a)
+    b = None if b is None else row_major(b)
     two = b is not None
     vecs = torch.zeros(8, rows, dtype=torch.float32, device=a.device)
     present = {

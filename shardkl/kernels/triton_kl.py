@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from shardkl import _stats
-from shardkl.kernels import GradInputs, Kernels, eager
+from shardkl.kernels import GradInputs, Kernels, drop_b_without_lse, eager, row_major
 
 try:
     import triton
@@ -289,11 +289,6 @@ def _launch(tuned: Any, raw: Any, grid: tuple[int], block: int | None, *args: An
     raw[grid](*args, **flags, BLOCK=block)
 
 
-def _row_major(x: Tensor) -> Tensor:
-    """``x`` itself when its columns are contiguous (any row stride), else a contiguous copy."""
-    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
-
-
 def _kernel_ok(a: Tensor, dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and a.dim() == 2 and a.shape[0] > 0 and a.shape[1] > 0
 
@@ -324,8 +319,8 @@ def stats(
     if not _kernel_ok(a, dtype):
         return eager.stats(a, b, temperature=temperature, dtype=dtype, entropy=entropy)
     rows, cols = a.shape
-    a = _row_major(a)
-    b = None if b is None else _row_major(b)
+    a = row_major(a)
+    b = None if b is None else row_major(b)
     out = torch.empty(_stats.num_stats(b is not None), rows, dtype=torch.float32, device=a.device)
     other = a if b is None else b
     _launch(_stats_tuned, _stats_kernel, (rows,), block, a, other, out, rows, cols, a.stride(0), other.stride(0),
@@ -352,16 +347,12 @@ def grads(
     if not _kernel_ok(a, dtype):
         eager.grads(a, b, temperature=temperature, dtype=dtype, inputs=inputs, grad_a=grad_a, grad_b=grad_b)
         return
-    if b is not None and inputs.lse_b is None:
-        # no saved lse of Q: nothing flows to b (as in the eager path)
-        if grad_b is not None:
-            grad_b.zero_()
-        b = grad_b = None
+    b, grad_b = drop_b_without_lse(b, grad_b, inputs)
     if grad_a is None and grad_b is None:
         return
     rows, cols = a.shape
-    a = _row_major(a)
-    b = None if b is None else _row_major(b)
+    a = row_major(a)
+    b = None if b is None else row_major(b)
     has_b = b is not None
 
     def vec(x: Tensor | None) -> Tensor | None:
