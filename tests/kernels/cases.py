@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+import shardkl
 from shardkl import _stats, kernels
+from tests.reference import reference
 
 
 def case(shape: tuple[int, int], dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,3 +93,22 @@ def tiny_kl_inputs(eps: float, *, tokens: int = 64, vocab: int = 152_064, seed: 
 
 # (true KL per token, eps, worst relative error allowed): the README's bounds for the eager path
 TINY_KL_BOUNDS = [(5e-3, 1e-1, 4.5e-6), (5e-5, 1e-2, 2.1e-5), (5e-7, 1e-3, 2e-4), (5e-9, 1e-4, 6e-3)]
+
+
+def check_public_api_against_eager(impl: str, shape: tuple[int, int], dtype: torch.dtype, temperature: float) -> None:
+    """``kl_stats`` with ``impl`` gives eager's values and gradients, and float64's exact KL (on a :func:`case`)."""
+    a, b, tokens = case(shape, dtype)
+    results = {}
+    for name in ("eager", impl):
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        stats = shardkl.kl_stats(x, y, tokens, temperature=temperature, options=shardkl.Options(impl=name))
+        (stats.exact_kl.sum() + 0.3 * stats.entropy.sum() + stats.k3.sum() + stats.p_logprobs.sum()).backward()
+        results[name] = (stats, x.grad, y.grad)
+    (s_e, ga_e, gb_e), (s_i, ga_i, gb_i) = results["eager"], results[impl]
+    for name in ("exact_kl", "entropy", "p_logprobs", "q_logprobs", "k3"):
+        torch.testing.assert_close(getattr(s_i, name), getattr(s_e, name), rtol=1e-5, atol=1e-6, msg=name)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(ga_i, ga_e, rtol=tol, atol=tol * 0.2)
+    torch.testing.assert_close(gb_i, gb_e, rtol=tol, atol=tol * 0.2)
+    ref = reference(a[..., :-3], b[..., :-3], tokens, temperature)["exact_kl"]
+    torch.testing.assert_close(s_i.exact_kl.double(), ref, rtol=1e-5, atol=1e-6)

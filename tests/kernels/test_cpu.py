@@ -5,11 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import shardkl
 from shardkl import _stats
 from shardkl.kernels import cpu, eager
-from tests.kernels.cases import case, check_edge_rows, edge_rows, saved
-from tests.reference import reference
+from tests.kernels.cases import case, check_edge_rows, check_public_api_against_eager, edge_rows, saved
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
@@ -115,21 +113,7 @@ def test_grads_of_padded_and_underflowing_columns_are_zero_and_finite() -> None:
 
 @pytest.mark.parametrize(("shape", "dtype", "temperature"), [((41, 1271), F32, 1.0), ((7, 300), BF16, 0.7)])
 def test_public_api_matches_eager_values_and_gradients(shape, dtype, temperature) -> None:
-    a, b, tokens = case(shape, dtype)
-    results = {}
-    for impl in ("eager", "compiled"):
-        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
-        stats = shardkl.kl_stats(x, y, tokens, temperature=temperature, options=shardkl.Options(impl=impl))
-        (stats.exact_kl.sum() + 0.3 * stats.entropy.sum() + stats.k3.sum() + stats.p_logprobs.sum()).backward()
-        results[impl] = (stats, x.grad, y.grad)
-    (s_e, ga_e, gb_e), (s_c, ga_c, gb_c) = results["eager"], results["compiled"]
-    for name in ("exact_kl", "entropy", "p_logprobs", "q_logprobs", "k3"):
-        torch.testing.assert_close(getattr(s_c, name), getattr(s_e, name), rtol=1e-5, atol=1e-6, msg=name)
-    tol = 1e-5 if dtype == F32 else 1e-2
-    torch.testing.assert_close(ga_c, ga_e, rtol=tol, atol=tol * 0.2)
-    torch.testing.assert_close(gb_c, gb_e, rtol=tol, atol=tol * 0.2)
-    ref = reference(a[..., :-3], b[..., :-3], tokens, temperature)["exact_kl"]
-    torch.testing.assert_close(s_c.exact_kl.double(), ref, rtol=1e-5, atol=1e-6)
+    check_public_api_against_eager("compiled", shape, dtype, temperature)
 
 
 def test_the_source_ships_with_the_package() -> None:

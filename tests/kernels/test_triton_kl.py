@@ -27,8 +27,15 @@ if _previous is None:
 else:
     os.environ["TRITON_INTERPRET"] = _previous
 
-from tests.kernels.cases import TINY_KL_BOUNDS, case, check_edge_rows, edge_rows, saved, tiny_kl_inputs  # noqa: E402
-from tests.reference import reference  # noqa: E402
+from tests.kernels.cases import (  # noqa: E402
+    TINY_KL_BOUNDS,
+    case,
+    check_edge_rows,
+    check_public_api_against_eager,
+    edge_rows,
+    saved,
+    tiny_kl_inputs,
+)
 
 F32 = torch.float32
 # the interpreter evaluates both sides of every `where` in numpy, which warns about the discarded side's inf/NaN
@@ -162,21 +169,7 @@ def test_grads_match_eager(shape, dtype, temperature, block, present, two_inputs
 @pytest.mark.parametrize(("shape", "dtype", "temperature"), [((6, 300), F32, 0.7), ((3, 1271), torch.bfloat16, 1.0)])
 def test_public_api_matches_eager(monkeypatch, shape, dtype, temperature) -> None:
     monkeypatch.setattr(triton_kl, "DEFAULT_BLOCK", 256)  # several tiles per row
-    a, b, tokens = case(shape, dtype)
-    results = {}
-    for impl in ("eager", "triton"):
-        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
-        stats = shardkl.kl_stats(x, y, tokens, temperature=temperature, options=shardkl.Options(impl=impl))
-        (stats.exact_kl.sum() + 0.3 * stats.entropy.sum() + stats.k3.sum() + stats.p_logprobs.sum()).backward()
-        results[impl] = (stats, x.grad, y.grad)
-    (s_e, ga_e, gb_e), (s_t, ga_t, gb_t) = results["eager"], results["triton"]
-    for name in ("exact_kl", "entropy", "p_logprobs", "q_logprobs", "k3"):
-        torch.testing.assert_close(getattr(s_t, name), getattr(s_e, name), rtol=1e-5, atol=1e-6, msg=name)
-    tol = 1e-5 if dtype == F32 else 1e-2
-    torch.testing.assert_close(ga_t, ga_e, rtol=tol, atol=tol * 0.2)
-    torch.testing.assert_close(gb_t, gb_e, rtol=tol, atol=tol * 0.2)
-    ref = reference(a[..., :-3], b[..., :-3], tokens, temperature)["exact_kl"]
-    torch.testing.assert_close(s_t.exact_kl.double(), ref, rtol=1e-5, atol=1e-6)
+    check_public_api_against_eager("triton", shape, dtype, temperature)
 
 
 def test_triton_needs_cuda_or_the_interpreter(monkeypatch) -> None:
