@@ -441,3 +441,47 @@ def test_topk_is_one_launch_forward_and_one_backward() -> None:
         backward = launches.take()
     assert [name for name, _ in forward] == ["_topk_stats_kernel"], forward
     assert [name for name, _ in backward] == ["_topk_grads_kernel"], backward
+
+
+# --- edge rows through the public API -----------------------------------------------------------------------------
+
+
+def test_topk_teacher_without_tail_and_student_without_tail() -> None:
+    # tests/test_distill.py's closed-form case: the teacher's top-3 hold all its mass, the student's tail has 0.4
+    student = torch.log(torch.tensor([[0.2, 0.2, 0.2, 0.2, 0.2]]))
+    # float64 log-probs whose probabilities sum to 1 exactly (fp32 ones leave a tail of ~1e-8, a finite reverse KL)
+    ids, logprobs = torch.tensor([[0, 1, 2]]), torch.log(torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64))
+    x = student.clone().requires_grad_()
+    forward = shardkl.topk_kl(x, ids, logprobs, direction="forward", options=TRITON)
+    assert forward.item() == pytest.approx(sum(t * math.log(t / 0.2) for t in (0.5, 0.3, 0.2)), rel=1e-6)
+    forward.sum().backward()
+    # S_v - T_b S_v / S_b: the ids S_v - T_v, the tail columns S_v (T_tail = 0)
+    torch.testing.assert_close(x.grad, torch.tensor([[0.2 - 0.5, 0.2 - 0.3, 0.0, 0.2, 0.2]]), rtol=1e-5, atol=1e-7)
+    assert shardkl.topk_kl(student, ids, logprobs, direction="reverse", options=TRITON).item() == float("inf")
+    # a student with no tail either (its other logits -inf): finite, the exact KL
+    closed = torch.log(torch.tensor([[0.4, 0.4, 0.2, 0.0, 0.0]]))
+    got = shardkl.topk_kl(closed, ids, logprobs, direction="reverse", options=TRITON).item()
+    assert got == pytest.approx(sum(s * math.log(s / t) for s, t in ((0.4, 0.5), (0.4, 0.3), (0.2, 0.2))), rel=1e-6)
+
+
+def test_masked_padding_rows_match_eager() -> None:
+    a, b, _ = case((6, 300), F32)
+    a[2], b[2] = float("-inf"), float("-inf")  # a padded position: no distribution at all
+    b[4, 10:20] = float("-inf")  # Q without mass where P has some
+    mask = torch.ones(6, dtype=torch.bool)
+    mask[2] = False
+    ids, logprobs = teacher_topk(b.double().nan_to_num(neginf=-1e4), 4)
+    for name, fn in (
+        ("jsd", lambda x, y, o: shardkl.jsd(x, y, beta=0.4, mask=mask, temperature=0.8, options=o)),
+        ("topk", lambda x, y, o: shardkl.topk_kl(x, ids, logprobs.float(), mask=mask, temperature=0.8, options=o)),
+    ):
+        got, got_grads = _values_and_grads(lambda x, y, f=fn: f(x, y, TRITON), a, b)
+        want, want_grads = _values_and_grads(lambda x, y, f=fn: f(x, y, EAGER), a, b)
+        assert got[2] == 0 and torch.isfinite(got).all(), name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=name)
+        for g, w in zip(got_grads, want_grads, strict=True):
+            if w is None:
+                assert g is None, name
+                continue
+            assert (g[2] == 0).all() and torch.isfinite(g).all(), name
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=name)
