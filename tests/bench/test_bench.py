@@ -89,8 +89,7 @@ def test_quick_bench_writes_a_new_run_folder_with_a_clean_stderr(tmp_path: Path)
     # stdout: every table row names its dtype, and the ratio is explained rather than judged against targets
     table = [cells for cells in map(str.split, proc.stdout.splitlines())
              if len(cells) > 8 and cells[0].isdigit() and cells[2].isdigit() and cells[3].isdigit()]
-    logits = [r for r in rows if not r["method"].startswith("linear:")]
-    assert len(table) == len(logits) and all(cells[1] == "float32" for cells in table)
+    assert len(table) == len(rows) and all(cells[1] == "float32" for cells in table)
     assert "x floor = median time / median time of `floor`" in proc.stdout and "target" not in proc.stdout
     assert "The default call (shardkl[auto], no options) at every point:" in proc.stdout
     # stderr: the progress bar only (no warnings, no profiler output)

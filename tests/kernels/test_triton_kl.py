@@ -111,6 +111,7 @@ def test_tiles_merged_by_the_chain_rule_keep_a_tiny_kl() -> None:
     torch.testing.assert_close(got, want, rtol=1e-3, atol=0)
 
 
+@pytest.mark.slow  # the interpreter at a 152k vocabulary: about 10 s per case
 @pytest.mark.parametrize(("true_kl", "eps", "bound"), TINY_KL_BOUNDS)
 def test_tiny_kl_meets_the_bound_at_a_152k_vocabulary(true_kl, eps, bound) -> None:
     a, b, want = tiny_kl_inputs(eps, tokens=4)
@@ -223,6 +224,7 @@ print("COMPILED")
 """
 
 
+@pytest.mark.slow  # ahead-of-time compiles of every autotuner config, in a subprocess
 def test_kernels_compile_for_sm80_and_sm90_without_a_gpu(monkeypatch) -> None:
     """The interpreter accepts Python that the Triton compiler rejects: compile ahead of time for both targets."""
     import subprocess
