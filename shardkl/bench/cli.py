@@ -17,9 +17,10 @@ Time shardkl against the read-once floor and the usual baselines, side by side i
 
 The default run (CPU) takes about two minutes on a 2-core machine and peaks at about 3 GB of memory: the
 headline point (2048 tokens x 32,000 vocabulary, float32, one rank, every method, forward and forward+backward,
-with shardkl.jsd and shardkl.topk_kl next to exact_kl), a vocabulary sweep at 256 tokens (float32 and bfloat16),
-and the same sweep on two gloo ranks. shardkl[auto] is the default call (no options), measured next to naive
-PyTorch (log_softmax x2 + kl_div) and the other implementations. Each world size runs in fresh processes.
+with shardkl.jsd and shardkl.topk_kl next to exact_kl: see --divergences), a vocabulary sweep at 256 tokens
+(float32 and bfloat16), and the same sweep on two gloo ranks. shardkl[auto] is the default call (no options),
+measured next to naive PyTorch (log_softmax x2 + kl_div) and the other implementations. Each world size runs in
+fresh processes.
 
 Each run writes into a new folder OUT/RUN-ID/ and never touches an earlier run's: rows are appended to its
 results.jsonl as each point finishes (a progress bar on stderr); the table and a summary (also in table.txt) and
@@ -81,6 +82,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--world-sizes", help="comma-separated gloo world sizes; the headline point runs on 1 only")
     p.add_argument("--impls", help=f"shardkl implementations, of {', '.join(IMPLS)}; auto is the default call, with no "
                                    "options (preset: auto,compiled,eager)")
+    p.add_argument("--divergences", default="auto",
+                   help="impls of the shardkl.jsd and shardkl.topk_kl rows at the headline point, comma-separated, or "
+                        "none; each is called with the same options as the exact_kl row of that impl (default: "
+                        "%(default)s, the default call; the eager kernels take minutes there)")
     p.add_argument("--reps", type=int, help="timed rounds per point (preset: 5; at least 3)")
     p.add_argument("--forward-only", action="store_true", help="skip forward+backward")
     p.add_argument("--fused", help="exact KL from hidden states (LinearLogits) against two matmuls + exact_kl, at "
@@ -189,10 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     args.dtypes = [d for d in args.dtypes.split(",") if d]
     args.target_dtypes = [d for d in args.target_dtypes.split(",") if d]
     args.impls = [i for i in args.impls.split(",") if i]
+    args.divergences = [] if args.divergences == "none" else [i for i in args.divergences.split(",") if i]
     for dtype in args.dtypes + args.target_dtypes:
         if dtype not in measure.DTYPES:
             p.error(f"unknown dtype {dtype!r}; choose from {', '.join(measure.DTYPES)}")
-    for impl in args.impls:
+    for impl in args.impls + args.divergences:
         if impl not in IMPLS:
             p.error(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
     if args.reps < 3:
@@ -222,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         config = measure.Config(
             points=_config_points(args, world), impls=tuple(args.impls), reps=args.reps, device=args.device,
             out_file=str(results), huge_pages=huge_pages, fused_points=fused_points, run=folder.name,
+            divergence_impls=tuple(args.divergences),
         )
         measure.run_world(world, config)
     print()

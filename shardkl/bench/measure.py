@@ -96,6 +96,7 @@ class Config:
     label: str = ""
     fused_points: tuple[Any, ...] = ()  # shardkl.bench.fused.FusedPoint
     run: str = ""  # the run's id, written into every row
+    divergence_impls: tuple[str, ...] = ("auto",)  # the jsd and topk_kl rows of the headline point
 
 
 @dataclass
@@ -253,8 +254,9 @@ def measure_point(point: Point, config: Config, group: Any, info: dict[str, Any]
     x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
     size = {"both": a.numel() * a.element_size() + b.numel() * b.element_size(),
             "student": a.numel() * a.element_size()}
-    teacher = methods_.topk_teacher(b) if point.divergences and world == 1 else None
-    table = methods_.methods(list(config.impls), world, group, divergences=teacher)
+    teacher = methods_.topk_teacher(b) if point.divergences and world == 1 and config.divergence_impls else None
+    table = methods_.methods(list(config.impls), world, group, teacher=teacher,
+                             divergence_impls=config.divergence_impls)
     floors = {m.floor for m in table.values()}
     if not point.full:
         table = {k: m for k, m in table.items() if k in floors or "[" in k}

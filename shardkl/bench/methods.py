@@ -10,10 +10,10 @@
   P-weighted sum, then the textbook one-pass KL (Megatron-core's cross-entropy pattern).
 - ``shardkl[<impl>]``: ``shardkl.exact_kl``; ``shardkl[auto]`` is the default call, with no options at all, and
   any other impl passes ``Options(impl=...)``.
-- ``jsd[<impl>]`` and ``topk_kl[<impl>]`` (the headline point): ``shardkl.jsd`` (β = 0.5) and ``shardkl.topk_kl``
-  (K = 32, the teacher's ids and log-probs given, computed from ``b`` before the timing), with the same options as
-  the ``shardkl[<impl>]`` rows. ``topk_kl`` reads only the student's logits: its ratio refers to ``student_floor``
-  and its memory to the student's logits.
+- ``jsd[<impl>]`` and ``topk_kl[<impl>]`` (the headline point; ``auto`` unless ``--divergences`` names more):
+  ``shardkl.jsd`` (β = 0.5) and ``shardkl.topk_kl`` (K = 32, the teacher's ids and log-probs given, computed from
+  ``b`` before the timing), with the same options as the ``shardkl[<impl>]`` rows. ``topk_kl`` reads only the
+  student's logits: its ratio refers to ``student_floor`` and its memory to the student's logits.
 
 The two baselines issue their own collectives, through ``torch.distributed.nn.functional`` (differentiable);
 everything else communicates only through shardkl.
@@ -132,19 +132,21 @@ def topk_teacher(b: Tensor, k: int = TOPK) -> tuple[Tensor, Tensor]:
     return ids, logprobs
 
 
-def methods(impls: list[str], world: int, group: Any, *, divergences: tuple[Tensor, Tensor] | None = None
-            ) -> dict[str, Method]:
+def methods(impls: list[str], world: int, group: Any, *, teacher: tuple[Tensor, Tensor] | None = None,
+            divergence_impls: tuple[str, ...] = ()) -> dict[str, Method]:
     """The methods of one point, in table order.
 
     Args:
-        impls: the ``impl`` of each shardkl row (``"auto"``: no options).
+        impls: the ``impl`` of each ``exact_kl`` row (``"auto"``: no options).
         world: the number of ranks; the baselines differ between one rank and several.
         group: the process group, or ``None`` for one rank.
-        divergences: the ``topk_kl`` teacher's ``(ids, logprobs)``, to add the ``jsd`` and ``topk_kl`` rows
-            (one rank only); ``None``: ``exact_kl`` only.
+        teacher: the ``topk_kl`` teacher's ``(ids, logprobs)``, to add a ``jsd`` and a ``topk_kl`` row for each of
+            ``divergence_impls`` (one rank only); ``None``: ``exact_kl`` only.
+        divergence_impls: the ``impl`` of each ``jsd`` and ``topk_kl`` row.
     """
+    divergences = teacher is not None and bool(divergence_impls)
     out: dict[str, Method] = {"floor": Method(floor, forward_only=True)}
-    if divergences is not None:
+    if divergences:
         out["student_floor"] = Method(student_floor, reads="student", floor="student_floor", forward_only=True)
     out["grad_memory"] = Method(grad_memory, forward_only=True)
     if world == 1:
@@ -154,11 +156,12 @@ def methods(impls: list[str], world: int, group: Any, *, divergences: tuple[Tens
         out["megatron_baseline"] = Method(functools.partial(megatron_baseline, group=group))
     for impl in impls:
         out[f"shardkl[{impl}]"] = Method(functools.partial(_exact_kl, group=group, impl=impl))
-    if divergences is not None:
-        ids, logprobs = divergences
-        for impl in impls:
+    if divergences:
+        assert teacher is not None
+        ids, logprobs = teacher
+        for impl in divergence_impls:
             out[f"jsd[{impl}]"] = Method(functools.partial(_jsd, group=group, impl=impl))
-        for impl in impls:
+        for impl in divergence_impls:
             out[f"topk_kl[{impl}]"] = Method(
                 functools.partial(_topk_kl, ids=ids, logprobs=logprobs, group=group, impl=impl),
                 reads="student", floor="student_floor",

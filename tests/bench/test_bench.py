@@ -37,7 +37,8 @@ def test_quick_bench_writes_a_new_run_folder_with_a_clean_stderr(tmp_path: Path)
     pytest.importorskip("tqdm")
     earlier = _earlier_run(tmp_path)
     proc = subprocess.run(
-        [sys.executable, "-m", "shardkl.bench", "--preset", "quick", "--impls", "auto,eager", "--out", str(tmp_path)],
+        [sys.executable, "-m", "shardkl.bench", "--preset", "quick", "--impls", "auto,eager", "--divergences",
+         "auto,eager", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
