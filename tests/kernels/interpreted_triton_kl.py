@@ -191,6 +191,7 @@ def test_tiles_merged_by_the_chain_rule_keep_a_tiny_kl() -> None:
 
 
 @pytest.mark.parametrize(("true_kl", "eps", "bound"), TINY_KL_BOUNDS)
+@pytest.mark.slow  # the interpreter at a 152k vocabulary: about 20 s per case
 def test_tiny_kl_meets_the_bound_at_a_152k_vocabulary(true_kl, eps, bound) -> None:
     a, b, want = tiny_kl_inputs(eps, tokens=4)
     # the smallest autotuned tile: the most merges per row

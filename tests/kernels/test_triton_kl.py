@@ -40,12 +40,12 @@ def _child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("suite", SUITES)
-def test_interpreter_suite_in_a_child_process(suite: str, tmp_path: Path) -> None:
-    """Runs one ``interpreted_triton_*.py`` suite with pytest in a fresh process under ``TRITON_INTERPRET=1``."""
+def _run_suite(suite: str, markers: str, tmp_path: Path) -> None:
+    """Run one ``interpreted_triton_*.py`` suite's tests selected by ``markers`` with pytest in a fresh process under
+    ``TRITON_INTERPRET=1``; fail on any failure or error, and when nothing passed."""
     report = tmp_path / "report.xml"
     command = [sys.executable, "-m", "pytest", str(ROOT / "tests" / "kernels" / suite), "-q", "-p", "no:cacheprovider",
-               f"--junitxml={report}"]
+               "-m", markers, f"--junitxml={report}"]
     done = subprocess.run(command, capture_output=True, text=True, env=_child_env(TRITON_INTERPRET="1"), cwd=ROOT,
                           timeout=1800)
     tail = (done.stdout + done.stderr)[-6000:]
@@ -56,6 +56,17 @@ def test_interpreter_suite_in_a_child_process(suite: str, tmp_path: Path) -> Non
     skipped = sum(1 for c in cases for x in c if x.tag == "skipped")
     assert not failed and done.returncode == 0, "\n".join(failed) + f"\n{tail}"
     assert len(cases) - skipped > 0, f"nothing passed in {suite}:\n{tail}"
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_interpreter_suite_in_a_child_process(suite: str, tmp_path: Path) -> None:
+    _run_suite(suite, "not slow", tmp_path)
+
+
+@pytest.mark.slow
+def test_slow_interpreter_tests_in_a_child_process(tmp_path: Path) -> None:
+    # the 152k-vocabulary accuracy bounds
+    _run_suite("interpreted_triton_kl.py", "slow", tmp_path)
 
 
 _COMPILE_FOR_CUDA = """
@@ -136,6 +147,7 @@ print("COMPILED")
 """
 
 
+@pytest.mark.slow  # ahead-of-time compiles of every autotuner config, in a subprocess
 def test_kernels_compile_for_sm80_and_sm90_without_a_gpu() -> None:
     """The interpreter accepts Python that the Triton compiler rejects: compile ahead of time for both targets."""
     env = _child_env(TRITON_DEFAULT_FP_FUSION="1")
