@@ -103,7 +103,7 @@ def _main_ray(config: Any, on_shard: Any) -> int:
     from shardkl.apps.audit.corpus import AuditInputError
     from shardkl.apps.audit.models import quiet_transformers
     from shardkl.apps.audit.plan import plan_audit
-    from shardkl.apps.audit.ray_run import prepare_out, ray_env, run_audit_on_ray
+    from shardkl.apps.audit.ray_run import prepare_out, ray_driver_output, ray_env, run_audit_on_ray
 
     ray_env()
     quiet_transformers()
@@ -130,11 +130,14 @@ def _main_ray(config: Any, on_shard: Any) -> int:
     error: RayJobError | None = None
     try:
         prepare_out(plan)
-        result = run_audit_on_ray(plan, on_shard=on_shard, say=_say)
+        # stdout is the report's: what Ray prints there meanwhile (a dead worker) becomes one line on stderr
+        with ray_driver_output(config.verbose, _say):
+            result = run_audit_on_ray(plan, on_shard=on_shard, say=_say)
     except RayJobError as exc:
         error = exc
     finally:
-        ray.shutdown()
+        with ray_driver_output(config.verbose, _say):
+            ray.shutdown()
     if error is not None:
         print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
         return 1

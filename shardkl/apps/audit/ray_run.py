@@ -13,13 +13,16 @@ prints the report rank 0 returns.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from shardkl.apps.audit import store
@@ -133,6 +136,56 @@ def run_audit_on_ray(
     return AuditResult(value["summary"], value["report"])
 
 
+class RayDriverOutput(io.TextIOBase):
+    """What Ray prints on the driver's stdout while the job runs (not the report, which comes after).
+
+    Ray's error listener prints a worker's death to the driver's stdout, ``(raylet) A worker died or was killed ...``,
+    whatever ``log_to_driver`` says. With ``verbose`` such lines go to stderr as they are; otherwise each becomes one
+    launcher line (the details are in Ray's log files), so that stdout holds the report alone.
+    """
+
+    def __init__(self, verbose: bool, say: Callable[[str], None]) -> None:
+        super().__init__()
+        self.verbose = verbose
+        self.say = say
+        self._pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            self._line(line)
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        if not line.strip():
+            return
+        if self.verbose:
+            print(line, file=sys.stderr, flush=True)
+        elif "worker died" in line.lower() or "was killed" in line.lower():
+            self.say("a Ray worker died; Ray Train restarts the workers (at most --max_failures times) and they skip "
+                     "the shards already on disk")
+
+    def flush(self) -> None:
+        if self._pending:
+            self._line(self._pending)
+            self._pending = ""
+
+
+@contextlib.contextmanager
+def ray_driver_output(verbose: bool, say: Callable[[str], None]) -> Iterator[None]:
+    """Route what Ray prints on the driver's stdout through :class:`RayDriverOutput` while the job runs."""
+    sink = RayDriverOutput(verbose, say)
+    with contextlib.redirect_stdout(sink):
+        try:
+            yield
+        finally:
+            sink.flush()
+
+
 def prepare_out(plan: AuditPlan) -> None:
     """The driver's part before the workers start: ``OUT/audit.json`` and no stale temporary files."""
     store.write_identity(plan.config.out, plan.identity)
@@ -144,4 +197,6 @@ def ray_env() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-__all__ = ["prepare_out", "ray_env", "run_audit_on_ray", "train_loop_per_worker"]
+__all__ = [
+    "RayDriverOutput", "prepare_out", "ray_driver_output", "ray_env", "run_audit_on_ray", "train_loop_per_worker",
+]
