@@ -47,6 +47,16 @@ def _models(args: argparse.Namespace) -> tuple[Any, Any]:
     return p.to(dtype), q.to(dtype)
 
 
+def _load() -> float | None:
+    """The 1-minute load average (other work on the machine), where the OS has one."""
+    try:
+        import os
+
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="audit_bench.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default 32000)")
@@ -92,48 +102,60 @@ def main(argv: list[str]) -> int:
             with PeakTensorMemory() as tracker:
                 score_positions(*sides, positions, layout=layout, estimators=args.estimators, materialise=materialise)
             memory[name] = tracker.peak
-        times: dict[str, list[float]] = {name: [] for name in modes}
-        parts: dict[str, list[float]] = {name: [] for name in modes}
-        trunk_times: list[float] = []
+        # (wall, CPU) seconds of each sample; on a machine shared with other work the process's CPU time (one
+        # thread) is the steadier measure of the work, the wall time what a user waits
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in modes}
+        parts: dict[str, list[tuple[float, float]]] = {name: [] for name in modes}
+        trunk_times: list[tuple[float, float]] = []
+
+        def timed(fn: Any) -> tuple[float, float]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            return time.perf_counter() - wall, time.process_time() - cpu
+
+        holder: dict[str, Any] = {}
         for _ in range(args.reps):
-            start = time.perf_counter()
-            positions = run_trunks(*sides, ids, lengths)
-            trunk_times.append(time.perf_counter() - start)
+            trunk_times.append(timed(lambda: holder.update(positions=run_trunks(*sides, ids, lengths))))
             for name, materialise in modes.items():
-                start = time.perf_counter()
-                step(materialise)
-                times[name].append(time.perf_counter() - start)
-                start = time.perf_counter()
-                score_positions(*sides, positions, layout=layout, estimators=args.estimators,
-                                materialise=materialise)
-                parts[name].append(time.perf_counter() - start)
+                times[name].append(timed(lambda materialise=materialise: step(materialise)))
+                parts[name].append(timed(lambda materialise=materialise: score_positions(
+                    *sides, holder["positions"], layout=layout, estimators=args.estimators, materialise=materialise)))
     logits_bytes = tokens * args.vocab * 4
+
+    def median(samples: list[tuple[float, float]], which: int) -> float:
+        return statistics.median(sample[which] for sample in samples)
+
     rows = []
     for name in modes:
-        step_s, part_s = statistics.median(times[name]), statistics.median(parts[name])
-        rows.append({"mode": name, "tokens_per_s": tokens / step_s, "step_s": step_s, "audit_part_s": part_s,
-                     "audit_part_extra_bytes": memory[name],
+        step_s, step_cpu = median(times[name], 0), median(times[name], 1)
+        rows.append({"mode": name, "tokens_per_s": tokens / step_s, "tokens_per_cpu_s": tokens / step_cpu,
+                     "step_s": step_s, "step_cpu_s": step_cpu, "audit_part_s": median(parts[name], 0),
+                     "audit_part_cpu_s": median(parts[name], 1), "audit_part_extra_bytes": memory[name],
                      "audit_part_extra_pct_of_logits": 100 * memory[name] / logits_bytes})
     result = {
         "vocab": args.vocab, "hidden": args.hidden, "layers": args.layers, "windows": args.windows,
         "context": args.context, "tokens": tokens, "estimators": args.estimators, "dtype": args.dtype,
         "threads": args.threads, "reps": args.reps, "one_model_logits_bytes": logits_bytes,
-        "trunks_s": statistics.median(trunk_times), "trunks_peak_bytes": trunk_memory.peak, "rows": rows,
-        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "trunks_s": median(trunk_times, 0), "trunks_cpu_s": median(trunk_times, 1),
+        "trunks_peak_bytes": trunk_memory.peak, "rows": rows, "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(), "load_average": _load(),
     }
     mib = 2**20
     print(f"audit step: {args.windows} windows x {args.context} tokens ({tokens:,} scored), V = {args.vocab:,}, "
           f"H = {args.hidden}, {args.layers} layers, {args.dtype}, {args.threads} thread(s), estimators "
           f"{args.estimators}; median of {args.reps}")
-    print(f"{'':<22}{'tokens/s':>10}{'step s':>9}{'audit part s':>14}{'audit part extra':>18}{'% of logits':>13}")
+    print(f"{'':<22}{'tokens/s':>10}{'tokens/CPU s':>14}{'step CPU s':>12}{'audit part CPU s':>18}"
+          f"{'audit part extra':>18}{'% of logits':>13}")
     for row in rows:
-        print(f"{row['mode']:<22}{row['tokens_per_s']:>10,.0f}{row['step_s']:>9.3f}{row['audit_part_s']:>14.3f}"
+        print(f"{row['mode']:<22}{row['tokens_per_s']:>10,.0f}{row['tokens_per_cpu_s']:>14,.0f}"
+              f"{row['step_cpu_s']:>12.3f}{row['audit_part_cpu_s']:>18.3f}"
               f"{row['audit_part_extra_bytes'] / mib:>14.1f} MiB{row['audit_part_extra_pct_of_logits']:>12.1f}%")
-    print(f"both trunks: {result['trunks_s']:.3f} s, peak {trunk_memory.peak / mib:.1f} MiB "
+    print(f"both trunks: {result['trunks_cpu_s']:.3f} CPU s, peak {trunk_memory.peak / mib:.1f} MiB "
           f"({100 * trunk_memory.peak / logits_bytes:.1f}% of logits); one model's float32 logits of the batch: "
-          f"{logits_bytes / mib:.1f} MiB")
+          f"{logits_bytes / mib:.1f} MiB; load average {result['load_average']}")
     print("step: both trunks and the audit's values; audit part: everything after the hidden states (two kl_stats, "
-          "two top-1 passes); extra: peak bytes of the tensors it creates")
+          "two top-1 passes); extra: peak bytes of the tensors it creates; tokens/s: wall clock, tokens/CPU s: "
+          "this process's CPU time")
     if args.output:
         path = Path(args.output)
         path.parent.mkdir(parents=True, exist_ok=True)

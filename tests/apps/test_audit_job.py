@@ -191,6 +191,22 @@ def test_top1_over_tiles_and_ranks_is_the_first_maximum(monkeypatch: pytest.Monk
     assert compute.top1_ids(LinearLogits(hidden, weight), padded)[1] == (hidden @ weight[:22].T).argmax(-1)[1]
 
 
+def test_token_blocks_bound_the_per_call_temporaries_and_stay_large_enough() -> None:
+    # 3 x rows x H floats per side within 1% of tokens x V logits: 2044 positions, H = 512, V = 32000 -> 5 blocks
+    assert compute.token_block(2044, 512, 32000, min_rows=1) == 409
+    assert 3 * 409 * 512 <= 0.01 * 2044 * 32000
+    # at least min_rows per block (fewer, larger blocks), and one block when the batch is small
+    assert compute.token_block(2044, 512, 32000, min_rows=525) == 682
+    assert compute.token_block(60, 32, 300) == 60
+    # draws multiply the rows of the forward call, so the blocks shrink
+    with_draws, without = (compute.token_block(4096, 4096, 128256, copies, min_rows=1) for copies in (5, 1))
+    assert with_draws < without
+    # on the CPU a call reaches the size from which shardkl runs its native kernels
+    from shardkl.kernels import AUTO_COMPILE_ELEMENTS
+
+    assert compute.min_block_rows(32000, torch.device("cpu")) * 32000 >= AUTO_COMPILE_ELEMENTS
+
+
 def _bad_tokenizer_q(root: Path) -> Path:
     tokenizer = make_tokenizer(LINES, extra_words=("zebra",))
     return save(make_model(len(tokenizer) + 4, 3), tokenizer, root / "q_other_vocab")

@@ -29,6 +29,7 @@ from torch import Tensor
 import shardkl
 from shardkl.apps.audit.models import ModelSide, hidden_states
 from shardkl.distributed import argmax_over_ranks
+from shardkl.kernels import AUTO_COMPILE_ELEMENTS
 from shardkl.layout import VocabLayout
 from shardkl.linear import LinearLogits, logits_tile
 
@@ -165,23 +166,33 @@ def run_trunks(p: ModelSide, q: ModelSide, ids: Tensor, lengths: Tensor) -> Posi
     return Positions(row, offset, tokens, hidden_p, hidden_q)
 
 
-def token_block(tokens: int, hidden: int, vocab: int, copies: int = 1) -> int:
+def token_block(tokens: int, hidden: int, vocab: int, copies: int = 1, *, min_rows: int = MIN_BLOCK_ROWS) -> int:
     """Rows per call so that each call's per-token temporaries stay under :data:`TRANSIENT_SHARE` of the batch's
     logits.
 
     The engine's token log-probs gather each token's hidden row and output-layer row (about ``3 x rows x H`` floats
-    per side, ``copies`` rows of tokens per position with ``--estimators``), against ``tokens x vocab`` logits; at
-    least :data:`MIN_BLOCK_ROWS` rows. The blocks depend only on the batch and the models, never on the ranks, so
-    every split draws the same tokens.
+    per side, ``copies`` rows of tokens per position with ``--estimators``), against ``tokens x vocab`` logits. The
+    batch is split into equal blocks of at least ``min_rows`` rows. The blocks depend only on the batch and the
+    models, never on the ranks, so every split draws the same tokens.
 
     Args:
         tokens: scored positions in the batch.
         hidden: the larger hidden size of the two models.
         vocab: the real vocabulary size (all ranks together).
         copies: rows of tokens per position in the forward call (1 + draws).
+        min_rows: the fewest rows of a block.
     """
     blocks = max(1, math.ceil(3 * hidden * copies / (TRANSIENT_SHARE * vocab)))
-    return max(MIN_BLOCK_ROWS, math.ceil(tokens / blocks))
+    blocks = max(1, min(blocks, tokens // max(1, min_rows)))
+    return math.ceil(tokens / blocks)
+
+
+def min_block_rows(local_vocab: int, device: torch.device) -> int:
+    """The fewest rows of a call: :data:`MIN_BLOCK_ROWS`, and on the CPU enough that a call reaches the size from
+    which shardkl's ``impl="auto"`` runs its native kernels (smaller calls run the slower eager ones)."""
+    if device.type != "cpu":
+        return MIN_BLOCK_ROWS
+    return max(MIN_BLOCK_ROWS, math.ceil(AUTO_COMPILE_ELEMENTS / max(1, local_vocab)))
 
 
 @torch.no_grad()
@@ -215,7 +226,8 @@ def score_positions(
     vocab = layout.valid_vocab_size or layout.vocab_size or layout.local_size
     hidden = max(positions.hidden_p.shape[-1], positions.hidden_q.shape[-1])
     # the comparison mode materialises the whole batch's logits at once, as an audit without shardkl's sources would
-    block = n if materialise else token_block(n, hidden, vocab, estimators + 1)
+    least = min_block_rows(layout.local_size, positions.token.device)
+    block = n if materialise else token_block(n, hidden, vocab, estimators + 1, min_rows=least)
     parts = []
     for r0 in range(0, n, block):
         rows = slice(r0, min(n, r0 + block))
@@ -312,5 +324,5 @@ def _expand(source: LinearLogits | Tensor, copies: int) -> LinearLogits | Tensor
 
 __all__ = [
     "Positions", "ScoredBatch", "TILE_COLUMNS", "TILE_ELEMENTS", "run_trunks", "score_batch", "score_positions",
-    "token_block", "top1_ids",
+    "min_block_rows", "token_block", "top1_ids",
 ]

@@ -69,7 +69,8 @@ def by_position(path: Path, columns: Mapping[str, np.ndarray], context: int) -> 
     """``kl_by_position.png``: mean KL per position in the window, and tokens per position."""
     position = np.asarray(columns["pos"]) % (context - 1)
     last = int(position.max()) + 1
-    width = max(1, -(-last // 64))  # at most 64 groups of positions
+    # at most 64 groups of positions, each 1, 2 or 5 x 10^k positions wide
+    width = next(w for w in (m * 10**k for k in range(12) for m in (1, 2, 5)) if -(-last // w) <= 64)
     group = position // width
     groups = int(group.max()) + 1
     count = np.bincount(group, minlength=groups)
