@@ -156,7 +156,9 @@ def test_an_output_folder_holds_one_audit(tmp_path: Path) -> None:
     store.check_identity(out, identity, resume=False)  # nothing there yet
     store.check_identity(out, identity, resume=True)  # --resume on nothing starts one
     store.write_identity(out, identity)
-    with pytest.raises(AuditInputError, match="already holds an audit .* pass --resume to continue it"):
+    store.check_identity(out, identity, resume=False)  # a run that failed before its first shard left only this
+    store.write_shard(out, 0, _columns(3))
+    with pytest.raises(AuditInputError, match=r"already holds an audit \(1 shard file\(s\)\); pass --resume"):
         store.check_identity(out, identity, resume=False)
     store.check_identity(out, identity, resume=True)
     with pytest.raises(AuditInputError, match="holds a different audit: context is 16 there, 32 now"):

@@ -41,13 +41,13 @@ def _env() -> dict[str, str]:
     return {**env, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-def _launch(args: list[str], nproc: int | None = None, script: str = LAUNCHER,
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def _launch(args: list[str], nproc: int | None = None, script: str = LAUNCHER, timeout: float = 300,
+            cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, script, *args]
     if nproc is not None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script,
                *args]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -252,11 +252,14 @@ def test_ray_job_survives_a_killed_worker_with_the_same_summary(pair: dict[str, 
 def test_ray_job_with_a_tensor_parallel_group(pair: dict[str, Path], baseline: dict[str, Any],
                                               tmp_path: Path) -> None:
     pytest.importorskip("ray.train.torch")
-    out = tmp_path / "out"
-    proc = _launch([*_args(pair, out), "--ray", "--num_workers", "2", "--tp", "2"], timeout=600)
+    # paths relative to the driver's folder: the workers work there too
+    relative = ["--p_model", "p", "--q_model", "q", "--data", "corpus.txt", "--out", "ray_out", *ARGS]
+    proc = _launch([*relative, "--ray", "--num_workers", "2", "--tp", "2"], timeout=600, cwd=pair["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = _summary(out)
+    summary = _summary(pair["root"] / "ray_out")
     assert (summary["run"]["tp"], summary["run"]["groups"], summary["run"]["trunk"]) == (2, 1, "tensor_parallel")
-    _assert_same_summary(baseline["summary"], summary)
+    assert (summary["p_model"], summary["data"]) == ("p", "corpus.txt")
+    paths = {key: baseline["summary"][key] for key in ("p_model", "q_model", "data")}
+    _assert_same_summary(baseline["summary"], {**summary, **paths})
     bad = _launch([*_bad_case(pair, tmp_path, "different vocabularies"), "--ray"])
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and BAD["different vocabularies"] in bad.stderr

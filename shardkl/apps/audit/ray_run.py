@@ -37,8 +37,12 @@ _POLL_S = 0.5
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train per-worker function: plan the audit again and run this rank's part of it.
 
+    Relative paths of the config are the driver's: the worker works in the driver's folder where it exists (on one
+    machine, or a cluster that mounts it at the same place).
+
     Args:
-        loop_config: ``{"config": dataclasses.asdict(AuditConfig), "on_shard": ShardHook or None}``.
+        loop_config: ``{"config": dataclasses.asdict(AuditConfig), "cwd": the driver's folder, "on_shard": ShardHook
+            or None}``.
 
     Returns:
         On rank 0, ``{"summary": ..., "report": ...}`` (Ray Train hands rank 0's value to the driver); else ``None``.
@@ -52,6 +56,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     from shardkl.options import set_collective_timeout
 
     config = AuditConfig(**loop_config["config"])
+    if os.path.isdir(loop_config.get("cwd") or ""):
+        os.chdir(loop_config["cwd"])
     set_collective_timeout(config.timeout_s)
     quiet_transformers()
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -94,7 +100,7 @@ def run_audit_on_ray(
     trainer = TorchTrainer(
         # Ray's annotation says the function returns None; Ray Train hands rank 0's value back as return_value
         train_loop_per_worker,  # type: ignore[arg-type]
-        train_loop_config={"config": dataclasses.asdict(config), "on_shard": on_shard},
+        train_loop_config={"config": dataclasses.asdict(config), "cwd": os.getcwd(), "on_shard": on_shard},
         scaling_config=ScalingConfig(num_workers=config.num_workers, resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(
             name=f"shardkl-audit-{uuid.uuid4().hex[:8]}",

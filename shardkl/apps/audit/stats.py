@@ -169,7 +169,7 @@ def format_report(summary: Mapping[str, Any]) -> str:
         f"{'':<22}{'P':>14}{'Q':>14}",
         f"{'perplexity':<22}" + "".join("         n/a" if v is None else f"{v:>14.4f}" for v in ppl),
         f"{'mean entropy, nats':<22}{summary['entropy_p']:>14.4f}{summary['entropy_q']:>14.4f}",
-        f"{'top-1 = next token':<22}{_percent(summary['accuracy_p']):>14}{_percent(summary['accuracy_q']):>14}",
+        f"{'top-1 accuracy':<22}{_percent(summary['accuracy_p']):>14}{_percent(summary['accuracy_q']):>14}",
         "",
         f"ln(PPL_Q / PPL_P):     {ratio_text}",
         f"top-1 agreement:       {_percent(summary['top1_agreement'])} of tokens (P's and Q's most likely next token "

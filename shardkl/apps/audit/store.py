@@ -125,8 +125,9 @@ def read_columns(out: str | Path, shards: Sequence[int], names: Sequence[str]) -
 def check_identity(out: str | Path, identity: Mapping[str, Any], *, resume: bool) -> None:
     """Refuse an output folder that would mix two audits.
 
-    Without ``resume``, ``out`` must hold no audit yet. With it, an audit there must have the same identity (an
-    empty or missing folder simply starts one).
+    Without ``resume``, ``out`` must hold no shard file yet (an identity alone, left by a run that failed before its
+    first shard, is replaced). With it, an audit there must have the same identity (an empty or missing folder
+    simply starts one).
 
     Raises:
         AuditInputError: one line naming the folder and, on a mismatch, the first differing key with both values.
@@ -137,7 +138,7 @@ def check_identity(out: str | Path, identity: Mapping[str, Any], *, resume: bool
     file = folder / IDENTITY_FILE
     done = shards_on_disk(folder)
     if not resume:
-        if file.exists() or done:
+        if done:
             raise AuditInputError(
                 f"out: {out} already holds an audit ({len(done)} shard file(s)); pass --resume to continue it, or "
                 "choose another --out"
