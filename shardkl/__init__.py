@@ -6,13 +6,15 @@ all-gather of a few floats per token, so no rank materialises the full-vocabular
 
 from __future__ import annotations
 
-from shardkl import nn
+from shardkl import nn  # noqa: F401 - the submodule shardkl.nn, kept out of __all__
+from shardkl._divergences import Direction
 from shardkl.distill import DIVERGENCES, Divergence, TopKTeacher, distillation_loss, jsd, topk_kl
-from shardkl.distributed import CollectiveCounter, CollectiveError, count_collectives
+from shardkl.distributed import CollectiveError
 from shardkl.estimators import SAMPLED_ESTIMATORS, SampledEstimator, k1, k2, k3
 from shardkl.functional import KLStats, entropy, exact_kl, kl_stats, sampled_kl, token_logprobs
+from shardkl.kernels import IMPLS, Impl
 from shardkl.layout import VocabLayout, shard_bounds
-from shardkl.linear import LinearLogits
+from shardkl.linear import HIDDEN_GRADS, HiddenGrad, LinearLogits
 from shardkl.losses import ESTIMATORS, Estimator, GRPOLoss, grpo_loss, kl_penalty
 from shardkl.options import NAN_POLICIES, NanPolicy, Options, set_collective_timeout
 from shardkl.reduction import REDUCTIONS, Reduction, reduce_tokens
@@ -20,17 +22,22 @@ from shardkl.sampling import sample_tokens
 
 __version__ = "0.2.0"
 
+# `nn` is a submodule (shardkl.nn.KLPenalty, ...), not in __all__: a star import must not shadow torch.nn
 __all__ = [
     "DIVERGENCES",
     "ESTIMATORS",
+    "HIDDEN_GRADS",
+    "IMPLS",
     "NAN_POLICIES",
     "REDUCTIONS",
     "SAMPLED_ESTIMATORS",
-    "CollectiveCounter",
     "CollectiveError",
+    "Direction",
     "Divergence",
     "Estimator",
     "GRPOLoss",
+    "HiddenGrad",
+    "Impl",
     "KLStats",
     "LinearLogits",
     "NanPolicy",
@@ -40,7 +47,6 @@ __all__ = [
     "TopKTeacher",
     "VocabLayout",
     "__version__",
-    "count_collectives",
     "distillation_loss",
     "entropy",
     "exact_kl",
@@ -51,7 +57,6 @@ __all__ = [
     "k3",
     "kl_penalty",
     "kl_stats",
-    "nn",
     "reduce_tokens",
     "sample_tokens",
     "sampled_kl",
@@ -60,3 +65,14 @@ __all__ = [
     "token_logprobs",
     "topk_kl",
 ]
+
+_MOVED = {"count_collectives": "shardkl.testing", "CollectiveCounter": "shardkl.testing"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _MOVED:
+        raise AttributeError(
+            f"shardkl.{name} moved to {_MOVED[name]}.{name} (it patches torch.distributed for the whole process, "
+            "so it lives with the test utilities)"
+        )
+    raise AttributeError(f"module 'shardkl' has no attribute {name!r}")

@@ -188,27 +188,21 @@ def accurate_lse(x: Tensor) -> Tensor:
     return torch.where(m.squeeze(-1) == float("inf"), m.squeeze(-1).to(torch.float64), lse)
 
 
-def topk_tile_stats(s: Tensor, local_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(lse, lse_excl, s_ids)`` of one tile of student logits.
+def topk_tile_stats(s: Tensor, local_ids: Tensor) -> Tensor:
+    """``[2, rows]`` float64 ``(lse, lse_excl)`` of one tile of student logits: the log-sum-exp over the tile, and
+    over the tile's columns that are not among the ids.
 
     Args:
         s: ``[rows, cols]`` scaled student logits.
         local_ids: ``[rows, K]`` the teacher's ids relative to the tile's first column (any value outside
             ``[0, cols)`` is not in this tile).
-
-    Returns:
-        ``lse`` ``[rows]`` over the tile (compute dtype, for the checks), ``lse_excl`` ``[rows]`` float64 over the
-        tile's columns that are not among the ids, ``s_ids`` ``[rows, K]`` the logits at the ids in this tile,
-        ``-inf`` for the others.
     """
     rows, cols = s.shape
-    inside, index = held_columns(local_ids, cols)
+    _, index = held_columns(local_ids, cols)
     padded = torch.cat([s, torch.full((rows, 1), float("-inf"), dtype=s.dtype, device=s.device)], dim=-1)
-    s_ids = padded.gather(-1, index)
-    lse = torch.logsumexp(s, dim=-1)
     # the ids' columns (and the spare one) set to -inf: the tail's own log-sum-exp, with nothing subtracted
     excluded = padded.scatter(-1, index, float("-inf"))
-    return lse, accurate_lse(excluded), s_ids
+    return torch.stack((accurate_lse(s), accurate_lse(excluded)))
 
 
 class Buckets(NamedTuple):
@@ -274,62 +268,52 @@ def topk_divergence(buckets: Buckets, direction: Direction) -> Tensor:
     return gap_term(w, x, m).sum(-1)
 
 
-class TopKGradInputs(NamedTuple):
-    """Per-token results of the top-k forward that its backward needs, ``[rows]`` or ``[rows, K]``, in the
-    compute dtype.
+def topk_grad_coefs(buckets: Buckets, direction: Direction) -> tuple[Tensor, Tensor]:
+    """``(tail_coef [rows], id_coef [rows, K])``, float64: the per-token factors of the top-k gradient.
 
-    Attributes:
-        lse: the student's global log-sum-exp.
-        lse_excl: the student's global log-sum-exp over the tail (the vocabulary without the ids).
-        id_grads: ``[rows, K]`` the gradient at each id column (already final: ``S_v·ΣT − T_v`` forward,
-            ``S_v·(r_v − mean r)`` reverse).
-        tail_scale: ``[rows]`` forward: ``ΣT``; reverse: ``r_tail − mean r``.
-        tail_ratio: ``[rows]`` forward: ``T_tail`` (multiplies ``S_v / S_tail``); reverse: 0.
+    For a student logit ``v`` in bucket ``b`` the gradient of KL(T‖S) is ``S_v·ΣT − T_b·S_v/S_b`` and that of
+    KL(S‖T) is ``S_v·(r_b − Σ_c S_c r_c)`` with ``r = log S − log T``. An id column is its own bucket, so its
+    gradient is ``id_coef``; a tail column's is ``S_v/S_tail`` times ``tail_coef`` (``S_v = S_tail·S_v/S_tail``):
+    ``S_tail·ΣT − T_tail`` forward, ``S_tail·(r_tail − Σ S r)`` reverse.
     """
-
-    lse: Tensor
-    lse_excl: Tensor
-    id_grads: Tensor
-    tail_scale: Tensor
-    tail_ratio: Tensor
-
-
-def topk_grad_inputs(buckets: Buckets, lse: Tensor, lse_excl: Tensor, direction: Direction) -> TopKGradInputs:
-    """The per-token factors of the top-k gradient (see :class:`TopKGradInputs`), float64 in, float64 out."""
     s = torch.exp(buckets.log_s)
     zero = torch.zeros((), dtype=s.dtype, device=s.device)
     if direction == "forward":
         t = torch.exp(buckets.log_t)
-        id_grads = s[:, :-1] * buckets.t_total.unsqueeze(-1) - t[:, :-1]
-        return TopKGradInputs(lse, lse_excl, id_grads, buckets.t_total, t[:, -1])
+        total = buckets.t_total.unsqueeze(-1)
+        return s[:, -1] * buckets.t_total - t[:, -1], s[:, :-1] * total - t[:, :-1]
     r = buckets.log_s - buckets.log_t
     # sum_b S_b r_b, the textbook KL(S‖T): a bucket without student mass adds nothing (its r may be -inf or NaN)
-    weighted = torch.where(s == 0, zero, s * r)
-    mean_r = weighted.sum(-1, keepdim=True)
-    centred = torch.where(s == 0, zero, r - mean_r)
-    id_grads = s[:, :-1] * centred[:, :-1]
-    return TopKGradInputs(lse, lse_excl, id_grads, centred[:, -1], torch.zeros_like(lse))
+    mean_r = torch.where(s == 0, zero, s * r).sum(-1, keepdim=True)
+    centred = torch.where(s == 0, zero, s * (r - mean_r))
+    return centred[:, -1], centred[:, :-1]
 
 
-def topk_tile_grads(s: Tensor, local_ids: Tensor, inputs: TopKGradInputs, grad: Tensor) -> Tensor:
-    """Gradient of ``grad · divergence`` with respect to one tile of scaled student logits (no ``1/T`` yet).
+def topk_tile_grads(
+    s: Tensor, local_ids: Tensor, lse_excl: Tensor, tail_coef: Tensor, id_coef: Tensor
+) -> Tensor:
+    """Gradient of the top-k divergence with respect to one tile of scaled student logits (no ``1/T`` yet).
 
-    Tail columns: ``S_v·tail_scale − tail_ratio·S_v/S_tail``; id columns: ``id_grads``; all times ``grad``.
+    A tail column gets ``exp(s_v − lse_excl) · tail_coef``: its share of the tail, ``S_v / S_tail``, computed
+    directly (never as ``S_v / S_tail`` with an ``S_v`` that may underflow where the tail does not), times the
+    per-token factor; an id column gets its ``id_coef``.
+
+    Args:
+        s: ``[rows, cols]`` scaled student logits.
+        local_ids: ``[rows, K]`` ids relative to the tile (values outside ``[0, cols)`` are not in it).
+        lse_excl: ``[rows]`` the student's global log-sum-exp of the tail; ``-inf``: an empty tail (no gradient).
+        tail_coef: ``[rows]``; id_coef: ``[rows, K]`` (see :func:`topk_grad_coefs`, incoming gradient included).
     """
     rows, cols = s.shape
     zero = torch.zeros((), dtype=s.dtype, device=s.device)
-    p = torch.exp(log_probs(s, inputs.lse))
-    # S_v / S_tail = exp(s_v - lse_excl); a tail without mass holds only -inf logits, whose share is 0
-    share = torch.exp(log_probs(s, inputs.lse_excl))
-    ratio = inputs.tail_ratio.unsqueeze(-1)
-    tail = p * inputs.tail_scale.unsqueeze(-1) - torch.where(ratio == 0, zero, ratio * share)
-    tail = torch.where(p == 0, zero, tail)
+    empty = (lse_excl == float("-inf")).unsqueeze(-1)
+    share = torch.exp(log_probs(s, lse_excl))
+    tail = torch.where(empty, zero, share * tail_coef.unsqueeze(-1).to(s.dtype))
     _, index = held_columns(local_ids, cols)
     padded = torch.cat([tail, torch.zeros(rows, 1, dtype=s.dtype, device=s.device)], dim=-1)
     # ids outside this tile all land in the spare column, which is dropped
-    padded = padded.scatter(-1, index, inputs.id_grads.to(s.dtype))
-    g = grad.unsqueeze(-1)
-    return torch.where(g == 0, zero, g * padded[:, :cols])
+    padded = padded.scatter(-1, index, id_coef.to(s.dtype))
+    return padded[:, :cols]
 
 
 __all__ = [
@@ -338,7 +322,6 @@ __all__ = [
     "buckets",
     "Direction",
     "JSDTile",
-    "TopKGradInputs",
     "gap_term",
     "held_columns",
     "jsd_tile_grads",
@@ -348,7 +331,7 @@ __all__ = [
     "student_lse",
     "tile_lse",
     "topk_divergence",
-    "topk_grad_inputs",
+    "topk_grad_coefs",
     "topk_tile_grads",
     "topk_tile_stats",
 ]

@@ -155,7 +155,7 @@ def unwrap_linear(name: str, source: Any, group: ProcessGroup | None) -> LocalSi
             )
         local_bias = bias.to_local()
     local_weight = weight.to_local()
-    local = LinearLogits(hidden.to_local(grad_placements=grad_placements), local_weight, local_bias)
+    local = LinearLogits(hidden.to_local(grad_placements=grad_placements), local_weight, local_bias, "partial")
     layout = _local_layout(name, mesh, mesh_dim, int(weight.shape[0]), local_weight.shape[0], group)
     return LocalSide(local, layout, mesh, mesh_dim)
 
@@ -172,7 +172,6 @@ def to_local_like(name: str, x: Any, mesh_dim: int) -> Tensor:
         )
     local: Tensor = x.to_local()
     return local
-
 
 
 def replicated_like(hidden: Tensor, weight: Any) -> Any:

@@ -1,98 +1,46 @@
-"""The sharded engine: one autograd Function that turns local logits shards into per-token results.
+"""The engine: one forward driver, one backward driver and one autograd Function for every divergence.
 
-Forward, on each rank: the kernels of ``impl`` reduce the local ``[rows, V_local]`` logits to per-token stats
-(never a full-size fp32 copy), the sampled tokens' logits are read where this rank holds them, then **one**
-all-gather of ``[stats, token logits, metadata]`` lets every rank check the call (``shardkl._validation``) and merge
-the ranks in rank order. Backward recomputes P and Q tile by tile from the saved per-token log-sum-exps: no
-collective, and nothing of size ``[N, V]`` is kept between the two passes (only references to the caller's logits).
+A call is **sources × op**. The sources (:mod:`shardkl._sources`) give each side's tiles — this rank's logits, or
+matmuls of hidden states with blocks of the output layer — and take the tiles' gradients back. The op
+(:mod:`shardkl._ops`: KL statistics, generalised JSD, top-k buckets) is a short program against the
+:class:`Driver`:
+
+- :meth:`Driver.reduce`: run a per-tile function (a kernel entry of ``Options.impl``, :mod:`shardkl._dispatch`)
+  over every tile and combine the vocabulary blocks of a row with the op's merge → a few floats per token;
+- :meth:`Driver.gather`: **the one all-gather** of a forward call — those floats, the op's own check metadata and
+  every rank's call metadata — after which every rank runs the same checks (:mod:`shardkl._validation`) on the same
+  numbers, so all raise or none does;
+- :meth:`Driver.all_reduce`: a further round where the op needs one (the JSD's second round);
+- :meth:`Driver.backward`: recompute each tile, let the op's kernel entry write its logit gradient, and send it to
+  the inputs (the logits' gradient, or ``grad_hidden``/``grad_weight``/``grad_bias`` by two matmuls). No collective,
+  except the all-reduce of ``grad_hidden`` that a :class:`shardkl.LinearLogits` with ``hidden_grad="full"`` asks
+  for.
+
+Nothing of size ``[N, V_local]`` is kept between the two passes: only references to the inputs and the op's few
+per-token results.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-from shardkl import _stats, _validation, kernels
-from shardkl.distributed import all_gather_flat
-from shardkl.kernels import GradInputs, Kernels, scaled
+from shardkl import _dispatch, _validation
+from shardkl._inputs import Call
+from shardkl._sources import Side, Sink, Sources, Tile, compute_dtype
+from shardkl.distributed import all_gather_flat, all_reduce_sum
+from shardkl.kernels import Kernels
 from shardkl.layout import VocabLayout
+from shardkl.linear import LinearLogits
 from shardkl.options import Options
 
-
-def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
-    """float64 if any input is float64, else float32 (half inputs are computed in fp32)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _row_blocks(a: Tensor, b: Tensor | None, row0: int = 0) -> Iterator[tuple[int, Tensor, Tensor | None]]:
-    """Split ``[..., V]`` tensors into 2-D ``[rows, V]`` views, without copying, with their first row."""
-    vocab = a.shape[-1]
-    try:
-        a2 = a.view(-1, vocab)
-        b2 = None if b is None else b.view(-1, vocab)
-    except RuntimeError:
-        # not viewable as 2-D (e.g. logits[:, :-1]): recurse over the first dimension
-        step = a[0].numel() // max(vocab, 1) if a.shape[0] else 0
-        for i in range(a.shape[0]):
-            yield from _row_blocks(a[i], None if b is None else b[i], row0 + i * step)
-        return
-    yield row0, a2, b2
-
-
-def local_stats(
-    a: Tensor,
-    b: Tensor | None,
-    temperature: float,
-    dtype: torch.dtype,
-    impl: Kernels | None = None,
-    *,
-    entropy: bool = True,
-) -> Tensor:
-    """Per-token stats of this rank's vocabulary slice, ``[num_stats, rows]``."""
-    impl = kernels.resolve("eager", a.device, dtype, 0) if impl is None else impl
-    vocab = a.shape[-1]
-    rows = a.numel() // vocab if vocab else int(torch.tensor(a.shape[:-1]).prod())
-    if vocab == 0 or rows == 0:
-        # an empty shard is the identity of the merge: no mass, zero entropy and KL
-        out = torch.zeros(_stats.num_stats(b is not None), rows, dtype=dtype, device=a.device)
-        out[_stats.LA] = float("-inf")
-        if b is not None:
-            out[_stats.LB] = float("-inf")
-        return out
-    blocks = list(_row_blocks(a, b))
-    if len(blocks) == 1:
-        return impl.stats(blocks[0][1], blocks[0][2], temperature=temperature, dtype=dtype, entropy=entropy)
-    return torch.cat(
-        [impl.stats(a2, b2, temperature=temperature, dtype=dtype, entropy=entropy) for _, a2, b2 in blocks], dim=1
-    )
-
-
-def _token_logits(x: Tensor, local_tokens: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
-    """Scaled logit at each token id this rank holds; ``-inf`` where another rank holds it."""
-    vocab = x.shape[-1]
-    held = (local_tokens >= 0) & (local_tokens < vocab)
-    out = torch.full(local_tokens.shape, float("-inf"), dtype=dtype, device=x.device)
-    if vocab == 0 or not bool(held.any()):
-        return out
-    rows = torch.nonzero(held).squeeze(-1)
-    cols = local_tokens[rows]
-    try:
-        values = x.view(-1, vocab)[rows, cols]
-    except RuntimeError:
-        # rows not viewable as one 2-D tensor (e.g. logits[:, :-1]): index through the original layout
-        values = x[torch.unravel_index(rows, x.shape[:-1]) + (cols,)]
-    out[rows] = scaled(values, dtype, temperature)
-    return out
-
-
-def _log_prob(token_logit: Tensor, lse: Tensor) -> Tensor:
-    """``logit - lse``; ``-inf`` for a row with no mass at all (``-inf - -inf`` would be NaN)."""
-    return torch.where(torch.isinf(lse) & (lse < 0), torch.full_like(lse, float("-inf")), token_logit - lse)
+# the autograd inputs of one side: logits, or hidden, weight, bias
+SideTensors = tuple["Tensor | None", "Tensor | None", "Tensor | None", "Tensor | None"]
 
 
 @dataclass(frozen=True)
@@ -104,16 +52,19 @@ class EngineSpec:
         layout_given: the layout came from the caller or a DTensor, rather than the default equal-split guess.
         temperature: softmax temperature.
         options: how the call runs.
-        entropy: whether the caller reads the entropy (kernels may skip it otherwise).
         names: the public names of the two inputs, for the messages of the checks.
+        hidden_grad: per side, ``"full"`` where a :class:`shardkl.LinearLogits`' hidden-state gradient is to be
+            summed over the group in backward.
+        no_process_group: ``WORLD_SIZE`` of a multi-rank environment without a process group (a warning), else 0.
     """
 
     layout: VocabLayout
     layout_given: bool
     temperature: float
     options: Options
-    entropy: bool = True
     names: tuple[str, str] = ("p_logits", "q_logits")
+    hidden_grad: tuple[str | None, str | None] = (None, None)
+    no_process_group: int = 0
 
 
 def _options_code(options: Options) -> int:
@@ -121,192 +72,227 @@ def _options_code(options: Options) -> int:
     return zlib.crc32(repr((options.impl, options.validate, options.nan_policy)).encode())
 
 
-def _token_rows(a: Tensor, b: Tensor | None, tokens: Tensor, start: int, dtype: torch.dtype, t: float) -> Tensor:
-    local = tokens - start
-    rows = [_token_logits(a, local, dtype, t)]
-    if b is not None:
-        rows.append(_token_logits(b, local, dtype, t))
-    return torch.stack(rows)
+class Gathered(NamedTuple):
+    """What the one all-gather of a forward call brought back, after the checks.
+
+    Attributes:
+        body: ``[world, k, rows]`` float64, every rank's per-token floats in rank order.
+        extra: every rank's op-specific metadata (``[]`` per rank without), read on the host.
+        valid: the number of real vocabulary ids.
+        world: the number of ranks.
+    """
+
+    body: Tensor
+    extra: list[list[float]]
+    valid: int
+    world: int
 
 
-class Merged(NamedTuple):
-    """Global per-token results after the gather, each ``[rows]`` in the compute dtype (``None`` where absent)."""
-
-    lse_a: Tensor
-    ent: Tensor
-    lse_b: Tensor | None
-    kl: Tensor | None
-    logp: Tensor | None
-    logq: Tensor | None
-
-
-def gather_and_merge(
-    stats: Tensor,
-    token_logits: Tensor | None,
-    info: _validation.CallInfo,
-    spec: EngineSpec,
-    *,
-    row0: Tensor | None,
-    tokens: Tensor | None,
-    mask: Tensor | None,
-    dtype: torch.dtype,
-) -> Merged:
-    """The one collective of a forward call, the checks every rank runs on it, and the merge of the ranks.
+class Driver:
+    """The tiles, kernels and collectives of one call, for an op's forward or backward program.
 
     Args:
-        stats: ``[num_stats, rows]`` this rank's stats.
-        token_logits: ``[1 or 2, rows]`` scaled logits of the tokens this rank holds (``-inf`` elsewhere), or
-            ``None`` without tokens.
-        info: what this rank knows about the call, for the cross-rank checks.
+        tensors: the eight autograd inputs, ``(logits, hidden, weight, bias)`` of each side (the second side's all
+            ``None`` for one input).
         spec: the call's layout, temperature and options.
-        row0: the first row of ``p``'s logits (for the probabilities look-alike check), or ``None``.
-        tokens: ``[rows]`` global token ids, or ``None``.
-        mask: the per-token mask (its values are checked here), or ``None``.
-        dtype: the compute dtype of the results.
+        kernels: the kernels to use (the backward reuses the forward's); resolved from ``spec.options`` if omitted.
     """
-    num_stats, rows = stats.shape
-    options = spec.options
-    # float64 on the wire: exact for fp32 stats and for every id and size in the metadata
-    pieces = [stats.to(torch.float64).reshape(-1)]
-    if token_logits is not None:
-        pieces.append(token_logits.to(torch.float64).reshape(-1))
-    pieces.append(_validation.local_meta(info, stats, row0, tokens, mask))
-    # The one collective of the call: per-token stats, sampled-token logits and per-rank metadata.
-    gathered = all_gather_flat(
-        torch.cat(pieces), spec.layout.group, what="per-token statistics", timeout_s=options.resolved_timeout_s
-    )
-    world = gathered.shape[0]
-    meta = gathered[:, -_validation.NUM_META :].tolist()
-    # every rank checks the same gathered numbers, so all of them raise (or none does)
-    _validation.check_gathered(meta, validate=options.validate, shape=info.lead_shape, names=spec.names)
-    if world == 1:
-        # one group: the merge is the identity, except the convention for a row where P has no mass (KL 0)
-        merged = stats.to(dtype)
-        if num_stats == 4:
-            merged[_stats.KL] = torch.where(merged[_stats.LA] == float("-inf"), 0.0, merged[_stats.KL])
-    else:
-        # the merge runs in float64: it is O(tokens x ranks) and removes the rounding of the merge itself
-        merged = _stats.merge_stats(gathered[:, : num_stats * rows].reshape(world, num_stats, rows)).to(dtype)
-    lse_a, ent = merged[_stats.LA], merged[_stats.ENT]
-    two = num_stats == 4
-    lse_b, kl = (merged[_stats.LB], merged[_stats.KL]) if two else (None, None)
-    logp = logq = None
-    if token_logits is not None:
-        num_token_rows = token_logits.shape[0]
-        token_part = gathered[:, num_stats * rows : (num_stats + num_token_rows) * rows]
-        # exactly one rank holds each token; the others sent -inf
-        held = token_part.reshape(world, num_token_rows, rows).amax(dim=0).to(dtype)
-        logp = _log_prob(held[0], lse_a)
-        if lse_b is not None:
-            logq = _log_prob(held[1], lse_b)
-    return Merged(lse_a, ent, lse_b, kl, logp, logq)
 
+    def __init__(self, tensors: Sequence[Tensor | None], spec: EngineSpec, kernels: Kernels | None = None) -> None:
+        self.spec = spec
+        self.a = Side(*tensors[0:4])
+        self.two = any(t is not None for t in tensors[4:8])
+        self.b = Side(*tensors[4:8]) if self.two else None
+        self.dtype = compute_dtype(*tensors[0:3], *tensors[4:7])
+        self.sources = Sources(self.a, self.b, self.dtype)
+        self.rows, self.lead_shape, self.device = self.sources.rows, self.sources.lead_shape, self.sources.device
+        self.temperature, self.layout = spec.temperature, spec.layout
+        self.kernels = _dispatch.resolve(spec.options.impl, self.device, self.dtype) if kernels is None else kernels
 
-def call_info(
-    spec: EngineSpec, *, kept: int, rows: int, lead_shape: torch.Size, p_dtype: torch.dtype, q_dtype: torch.dtype | None
-) -> _validation.CallInfo:
-    """This rank's :class:`shardkl._validation.CallInfo` for a call."""
-    return _validation.CallInfo(
-        layout=spec.layout,
-        layout_given=spec.layout_given,
-        kept=kept,
-        rows=rows,
-        lead_shape=lead_shape,
-        p_dtype=p_dtype,
-        q_dtype=q_dtype,
-        temperature=spec.temperature,
-        nan_policy=spec.options.nan_policy,
-        options_code=_options_code(spec.options),
-    )
+    def reduce(
+        self, tile_fn: Callable[[Tile], Tensor], *, merge: Callable[[Tensor], Tensor], identity: Sequence[float]
+    ) -> Tensor:
+        """``[k, rows]``: ``tile_fn(tile) -> [k, tile rows]`` over every tile, the vocabulary blocks of each row
+        combined by ``merge([blocks, k, rows]) -> [k, rows]`` (not called for a single block); ``identity`` (the
+        result for no columns at all, ``k`` values) for an empty shard."""
+        n = self.sources.num_blocks
+        if n == 0:
+            values = torch.tensor(identity, dtype=torch.float64, device=self.device)
+            return values.unsqueeze(-1).expand(len(identity), self.rows).to(self.dtype).clone()
+        parts: Tensor | None = None
+        for index, tile in self.sources.tiles():
+            out = tile_fn(tile)
+            if parts is None:
+                parts = torch.empty(n, out.shape[0], self.rows, dtype=out.dtype, device=out.device)
+            parts[index, :, tile.rows] = out
+        assert parts is not None
+        return parts[0] if n == 1 else merge(parts)
 
-
-def outputs(merged: Merged, rows: int, lead_shape: torch.Size, dtype: torch.dtype, device: torch.device) -> tuple:
-    """The four outputs ``(kl, entropy, logp, logq)`` shaped like the tokens; zeros where absent."""
-    zeros = torch.zeros(rows, dtype=dtype, device=device)
-    values = (merged.kl, merged.ent, merged.logp, merged.logq)
-    return tuple((zeros if v is None else v).reshape(lead_shape) for v in values)
-
-
-class ShardedStatsFunction(torch.autograd.Function):
-    """Per-token ``(kl, entropy, logp, logq)`` of sharded logits; ``kl``/``logq`` are zeros without ``b``."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        a: Tensor,
-        b: Tensor | None,
-        tokens: Tensor | None,
-        mask: Tensor | None,
-        spec: EngineSpec,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        dtype = compute_dtype(a, b)
-        lead_shape = a.shape[:-1]
-        temperature, layout = spec.temperature, spec.layout
-        impl = kernels.resolve(spec.options.impl, a.device, dtype, a.numel())
-        stats = local_stats(a, b, temperature, dtype, impl, entropy=spec.entropy)
-        rows = stats.shape[1]
-        flat_tokens = None if tokens is None else tokens.reshape(-1)
-        token_logits = None
-        if flat_tokens is not None:
-            token_logits = _token_rows(a, b, flat_tokens, layout.start, dtype, temperature)
-        info = call_info(
-            spec, kept=a.shape[-1], rows=rows, lead_shape=lead_shape, p_dtype=a.dtype,
-            q_dtype=None if b is None else b.dtype,
+    def call_info(self, p_dtype: torch.dtype, q_dtype: torch.dtype | None) -> _validation.CallInfo:
+        spec = self.spec
+        return _validation.CallInfo(
+            layout=spec.layout,
+            layout_given=spec.layout_given,
+            kept=self.sources.vocab,
+            rows=self.rows,
+            lead_shape=self.lead_shape,
+            p_dtype=p_dtype,
+            q_dtype=q_dtype,
+            temperature=spec.temperature,
+            nan_policy=spec.options.nan_policy,
+            options_code=_options_code(spec.options),
+            no_process_group=spec.no_process_group,
         )
-        row0 = a[(0,) * (a.dim() - 1)] if a.numel() else None
-        merged = gather_and_merge(
-            stats, token_logits, info, spec, row0=row0, tokens=flat_tokens, mask=mask, dtype=dtype
-        )
-        lse_a, ent, lse_b, kl = merged.lse_a, merged.ent, merged.lse_b, merged.kl
-        ctx.save_for_backward(a, b, flat_tokens, lse_a, lse_b, kl, ent)
-        ctx.temperature = temperature
-        ctx.start = layout.start
-        ctx.dtype = dtype
-        ctx.kernels = impl
-        ctx.set_materialize_grads(False)
-        return outputs(merged, rows, lead_shape, dtype, a.device)  # type: ignore[return-value]
 
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, grad_kl: Tensor | None, grad_ent: Tensor | None, grad_logp: Tensor | None, grad_logq: Tensor | None
+    def gather(
+        self,
+        body: Tensor,
+        *,
+        lse_rows: Sequence[int],
+        what: str,
+        tokens: Tensor | None = None,
+        mask: Tensor | None = None,
+        extra_meta: Tensor | None = None,
+        offsets_used: bool = False,
+    ) -> Gathered:
+        """The one collective of a forward call, and the checks every rank runs on what it brought back.
+
+        Args:
+            body: ``[k, rows]`` this rank's per-token floats.
+            lse_rows: the rows of ``body`` holding this rank's log-sum-exp of each input over its slice (they carry
+                the NaN, ``+inf`` and probabilities checks).
+            what: what travels, for the timeout's message.
+            tokens: ``[rows]`` global token ids the op reads, or ``None``.
+            mask: the per-token mask (its values are checked), or ``None``.
+            extra_meta: the op's own check metadata (a fixed-length float64 vector), or ``None``.
+            offsets_used: the op reads global ids other than tokens, so the default equal split must hold.
+        """
+        k, rows = body.shape
+        q_dtype = None if self.b is None else self.b.source.dtype
+        meta = _validation.local_meta(self.call_info(self.a.source.dtype, q_dtype), body[list(lse_rows)], tokens, mask)
+        extra = [] if extra_meta is None else [extra_meta]
+        local = torch.cat([body.to(torch.float64).reshape(-1), *extra, meta])
+        # The one collective of the call: per-token floats, the op's check metadata and the call's metadata.
+        gathered = all_gather_flat(
+            local, self.layout.group, what=what, timeout_s=self.spec.options.resolved_timeout_s
+        )
+        world = gathered.shape[0]
+        per_token = gathered[:, : k * rows].view(world, k, rows)
+        num_meta, num_extra = _validation.NUM_META, 0 if extra_meta is None else extra_meta.numel()
+        reads = [gathered[:, k * rows :].reshape(-1)]
+        if world > 1:
+            # probabilities over the whole vocabulary: counted on the device, read with the metadata in one sync
+            merged_lse = torch.logsumexp(per_token[:, list(lse_rows)], dim=0)
+            columns = gathered[:, -num_meta + _validation.KEPT].sum()
+            reads.append(_validation.probability_rows(merged_lse, columns, self.temperature))
+        host = torch.cat(reads).tolist()
+        width = num_extra + num_meta
+        rows_meta = [host[r * width + num_extra : (r + 1) * width] for r in range(world)]
+        extra_rows = [host[r * width : r * width + num_extra] for r in range(world)]
+        # every rank checks the same gathered numbers, so all of them raise (or none does)
+        valid = _validation.check_gathered(
+            rows_meta, validate=self.spec.options.validate, shape=self.lead_shape, names=self.spec.names,
+            offsets_used=offsets_used,
+        )
+        _validation.warn_if_probabilities(rows_meta, host[world * width :], self.spec.names[: len(lse_rows)])
+        return Gathered(per_token, extra_rows, valid, world)
+
+    def all_reduce(self, x: Tensor, *, what: str) -> Tensor:
+        """``x`` summed over the ranks of the group, in float64."""
+        return all_reduce_sum(
+            x.to(torch.float64), self.layout.group, what=what, timeout_s=self.spec.options.resolved_timeout_s
+        )
+
+    def backward(
+        self, tile_fn: Callable[[Tile, Tensor | None, Tensor | None], None] | None, needs: Sequence[bool]
     ) -> tuple[Tensor | None, ...]:
-        a, b, tokens, lse_a, lse_b, kl, ent = ctx.saved_tensors
-        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if b is None:
-            grad_kl = grad_logq = None
-        if tokens is None:
-            grad_logp = grad_logq = None
-        if not need_b:
-            grad_logq = None
-        flat = [None if g is None else g.reshape(-1).to(ctx.dtype) for g in (grad_kl, grad_ent, grad_logp, grad_logq)]
-        grad_kl, grad_ent, grad_logp, grad_logq = flat
-        # every element is written below; the gradient of b needs P, so it is computed even without a's
-        grad_a = torch.empty(a.shape, dtype=a.dtype, device=a.device) if need_a else None
-        grad_b = None if b is None or not need_b else torch.empty(b.shape, dtype=b.dtype, device=b.device)
-        vocab = a.shape[-1]
-        if vocab == 0 or all(g is None for g in flat):
-            for grad in (grad_a, grad_b):
-                if grad is not None:
-                    grad.zero_()
-            return (grad_a, grad_b, None, None, None)
-        local_tokens = None if tokens is None else tokens - ctx.start
-        held = None
-        if local_tokens is not None:
-            inside = (local_tokens >= 0) & (local_tokens < vocab)
-            held = torch.where(inside, local_tokens, torch.full_like(local_tokens, -1))
-        inputs = GradInputs(lse_a, lse_b, kl, ent, grad_kl, grad_ent, grad_logp, grad_logq, held)
-        # grad_a / grad_b are fresh contiguous tensors, so their 2-D views line up with every row block of a
-        ga2 = None if grad_a is None else grad_a.view(-1, vocab)
-        gb2 = None if grad_b is None else grad_b.view(-1, vocab)
-        for row0, a2, b2 in _row_blocks(a, b):
-            rs = slice(row0, row0 + a2.shape[0])
-            ctx.kernels.grads(
-                a2,
-                b2,
-                temperature=ctx.temperature,
-                dtype=ctx.dtype,
-                inputs=inputs.rows(rs),
-                grad_a=None if ga2 is None else ga2[rs],
-                grad_b=None if gb2 is None else gb2[rs],
-            )
-        return (grad_a, grad_b, None, None, None)
+        """The gradients of the eight side inputs (``None`` where not needed).
+
+        Args:
+            tile_fn: ``(tile, grad_a, grad_b)`` writes the tile's gradient with respect to each side's raw logits
+                into the given contiguous outputs (``None`` where that side needs none); ``None`` when no gradient
+                flows (the needed inputs then get zeros).
+            needs: ``ctx.needs_input_grad`` of the eight side inputs.
+        """
+        sink_a = Sink(self.a, tuple(needs[0:4]), self.dtype)
+        sink_b = None if self.b is None else Sink(self.b, tuple(needs[4:8]), self.dtype)
+        sinks = [sink_a] if sink_b is None else [sink_a, sink_b]
+        if tile_fn is not None and any(s.any for s in sinks):
+            for cols, blocks, tiles in self.sources.column_blocks():
+                for sink in sinks:
+                    sink.start_block(cols)
+                for tile in tiles:
+                    out_a = sink_a.target(tile, tile.a)
+                    out_b = None if sink_b is None or tile.b is None else sink_b.target(tile, tile.b)
+                    tile_fn(tile, out_a, out_b)
+                    sink_a.add(out_a, tile, blocks[0])
+                    if sink_b is not None:
+                        sink_b.add(out_b, tile, blocks[1])
+                for sink in sinks:
+                    sink.end_block(cols)
+        results = list(sink_a.result()) + (list(sink_b.result()) if sink_b is not None else [None] * 4)
+        for side in (0, 1):
+            grad_hidden = results[4 * side + 1]
+            if grad_hidden is not None and self.spec.hidden_grad[side] == "full":
+                # hidden_grad="full": this rank's partial sum over its vocabulary rows, summed over the group
+                results[4 * side + 1] = all_reduce_sum(
+                    grad_hidden, self.layout.group, what="the hidden states' gradient",
+                    timeout_s=self.spec.options.resolved_timeout_s,
+                )
+        return tuple(results)
+
+
+class Op(Protocol):
+    """One divergence as a program against the :class:`Driver` (see :mod:`shardkl._ops`)."""
+
+    def forward(self, driver: Driver) -> tuple[tuple[Tensor, ...], tuple[Tensor | None, ...]]:
+        """``(outputs, saved)``: the per-token outputs, and the per-token tensors the backward needs."""
+        ...
+
+    def backward(
+        self, driver: Driver, saved: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], needs: Sequence[bool]
+    ) -> tuple[Tensor | None, ...]:
+        """The gradients of the eight side inputs from the incoming gradients of the outputs."""
+        ...
+
+
+class EngineFunction(torch.autograd.Function):
+    """Every op's forward and backward: ``apply(op, spec, *side_tensors) -> op's outputs``."""
+
+    @staticmethod
+    def forward(ctx: Any, op: Op, spec: EngineSpec, *tensors: Tensor | None) -> tuple[Tensor, ...]:  # type: ignore[override]
+        driver = Driver(tensors, spec)
+        outputs, saved = op.forward(driver)
+        ctx.save_for_backward(*tensors, *saved)
+        ctx.op, ctx.spec, ctx.kernels = op, spec, driver.kernels
+        ctx.set_materialize_grads(False)
+        return outputs
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        saved = ctx.saved_tensors
+        driver = Driver(saved[:8], ctx.spec, ctx.kernels)
+        return (None, None, *ctx.op.backward(driver, tuple(saved[8:]), grads, ctx.needs_input_grad[2:]))
+
+
+def side_tensors(x: Tensor | LinearLogits | None) -> SideTensors:
+    """``(logits, hidden, weight, bias)`` of one side, the autograd inputs of :class:`EngineFunction`."""
+    if x is None:
+        return None, None, None, None
+    if isinstance(x, LinearLogits):
+        return None, x.hidden, x.weight, x.bias
+    return x, None, None, None
+
+
+def run(call: Call, op: Op) -> tuple[Tensor, ...]:
+    """Run ``op`` on a resolved call: its outputs, differentiable with respect to every side input."""
+    hidden_grad = tuple(x.hidden_grad if isinstance(x, LinearLogits) else None for x in (call.p, call.q))
+    spec = EngineSpec(
+        call.layout, call.layout_given, call.temperature, call.options, call.names, hidden_grad,  # type: ignore[arg-type]
+        call.no_process_group,
+    )
+    outputs: tuple[Tensor, ...] = EngineFunction.apply(op, spec, *side_tensors(call.p), *side_tensors(call.q))
+    return outputs
+
+
+__all__ = ["Driver", "EngineFunction", "EngineSpec", "Gathered", "Op", "run", "side_tensors"]

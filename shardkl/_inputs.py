@@ -9,7 +9,11 @@ left waiting on one that raised:
    engine checks in its one all-gather whenever offsets matter), or the whole vocabulary for ``group=None``.
 3. ``valid_vocab_size`` drops the padded tail by slicing the last dimension (a view): the engine never sees those
    columns, so they count exactly as ``-inf`` logits and get zero gradient.
-4. Types, shapes, devices, tokens, mask, temperature and options are checked.
+4. Types, shapes, devices, tokens, mask, other per-token tensors, temperature and options are checked, and so is
+   the one choice a trainable :class:`shardkl.LinearLogits` under tensor parallelism must make (its hidden states'
+   partial or full gradient).
+5. A call without a group in an environment that launched several ranks (``WORLD_SIZE > 1``) but never initialised
+   ``torch.distributed`` warns once: each rank would compute over its own slice as if it were the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from shardkl import _validation
 from shardkl._dtensor import is_dtensor, to_local_like, unwrap_linear, unwrap_logits
 from shardkl.distributed import ProcessGroup, rank_and_size
 from shardkl.layout import VocabLayout
@@ -41,6 +46,9 @@ class Call(NamedTuple):
         temperature: the softmax temperature.
         options: how the call runs.
         names: the public names of the two inputs, for messages.
+        per_token: other per-token tensors of the call by name (a top-k teacher's ids, advantages), local parts of
+            DTensors replicated over the vocabulary mesh dimension.
+        no_process_group: ``WORLD_SIZE`` of a multi-rank environment without a process group, else 0.
     """
 
     p: Tensor | LinearLogits
@@ -52,6 +60,8 @@ class Call(NamedTuple):
     temperature: float
     options: Options
     names: tuple[str, str] = ("p_logits", "q_logits")
+    per_token: dict[str, Any] = {}  # a shared default, never mutated
+    no_process_group: int = 0
 
 
 def _check_logits(name: str, logits: object) -> Tensor:
@@ -142,6 +152,19 @@ def _device(x: Source) -> torch.device:
     return x.hidden.device if isinstance(x, LinearLogits) else x.device
 
 
+def _check_hidden_grad(name: str, x: Source, world: int) -> None:
+    differentiated = torch.is_grad_enabled() and isinstance(x, LinearLogits) and x.hidden.requires_grad
+    if not differentiated or world <= 1 or x.hidden_grad is not None:  # type: ignore[union-attr]
+        return
+    raise ValueError(
+        f"{name} is a LinearLogits whose hidden states require grad under a group of {world} ranks: each rank's "
+        "gradient of hidden is then its partial sum over its vocabulary rows. Say which one you want: "
+        f"LinearLogits(hidden, weight, hidden_grad='partial') if your trainer sums it over the group (as Megatron's "
+        "copy_to_tensor_parallel_region does), or hidden_grad='full' to have shardkl all-reduce it in backward "
+        "(one collective)"
+    )
+
+
 def _trim(x: Source, keep: int) -> Source:
     if isinstance(x, LinearLogits):
         return trimmed(x, keep)
@@ -163,6 +186,7 @@ def resolve(
     two_inputs: bool,
     p_name: str = "p_logits",
     q_name: str = "q_logits",
+    per_token: dict[str, Any] | None = None,
 ) -> Call:
     """Unwrap, lay out, trim and check one public call's arguments (see the module docstring).
 
@@ -174,6 +198,8 @@ def resolve(
         group, layout, valid_vocab_size, temperature, options: as the public functions take them.
         two_inputs: whether the function takes ``q_logits``.
         p_name, q_name: the public names of the two arguments, for messages.
+        per_token: other per-token tensors by name, returned in :attr:`Call.per_token` (DTensors: their local parts,
+            which must be replicated over the vocabulary mesh dimension); their shapes are the caller's to check.
 
     Returns:
         :class:`Call`.
@@ -208,11 +234,15 @@ def resolve(
         locals_ = [side.local for side in unwrapped]
         tokens = to_local_like("tokens", tokens, first.mesh_dim)
         mask = to_local_like("mask", mask, first.mesh_dim)
+        per_token = {name: to_local_like(name, x, first.mesh_dim) for name, x in (per_token or {}).items()}
         resolved, given = first.layout.with_valid_vocab_size(valid_vocab_size), True
         checked = [_check_side(name, x) for (name, _), x in zip(sides, locals_, strict=True)]
     else:
         checked = [_check_side(name, x) for name, x in sides]
         resolved, given = _resolve_layout(checked[0].shape[-1], group, layout, valid_vocab_size)
+        world = rank_and_size(resolved.group)[1]
+        for (name, _), x in zip(sides, checked, strict=True):
+            _check_hidden_grad(name, x, world)
     p = checked[0]
     q = checked[1] if two_inputs else None
     if q is not None:
@@ -229,7 +259,9 @@ def resolve(
     keep = resolved.kept_size
     p = _trim(p, keep)
     q = None if q is None else _trim(q, keep)
-    return Call(p, q, t, mask, resolved, given, temperature, options, (p_name, q_name))
+    no_group = 0 if resolved.group is not None or any(distributed_sides) else _validation.no_process_group_world()
+    _validation.warn_if_no_process_group(no_group)
+    return Call(p, q, t, mask, resolved, given, temperature, options, (p_name, q_name), per_token or {}, no_group)
 
 
 __all__ = ["Call", "check_mask_shape", "resolve"]

@@ -95,7 +95,7 @@ def _softmax_parts(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def leaf_stats(
-    a: Tensor, b: Tensor | None, *, entropy: bool = True, gap: Callable[[Tensor], Tensor] = kl_gap
+    a: Tensor, b: Tensor | None, *, entropy: bool = True, kl: bool = True, gap: Callable[[Tensor], Tensor] = kl_gap
 ) -> Tensor:
     """Stats of one chunk held in fast memory: a max pass, then one fused pass, over the chunk.
 
@@ -103,6 +103,7 @@ def leaf_stats(
         a: ``[rows, cols]`` scaled logits of P in the compute dtype.
         b: ``[rows, cols]`` scaled logits of Q, or ``None`` for P alone.
         entropy: compute the entropy row; ``False`` leaves zeros there (a KL-only call).
+        kl: compute the KL row; ``False`` leaves zeros there (only the log-sum-exps are wanted).
         gap: the KL integrand ``g(x) = x + expm1(-x)`` (:func:`kl_gap`, or :func:`kl_gap_series` for compilers
             whose ``expm1`` is ``exp(x) - 1``).
 
@@ -120,6 +121,8 @@ def leaf_stats(
     if b is None:
         return torch.stack((la, ent))
     lb, eb, sb, log_q = _softmax_parts(b)
+    if not kl:
+        return torch.stack((la, ent, lb, torch.zeros_like(lb)))
     # x = log P_v - log Q_v, the design's (a - la) - (b - lb): 2e-4 relative error at KL = 5e-7 in fp32, and
     # exact when |a| and |b| differ by many orders (unlike (a - b) - (la - lb)).
     x = log_p - log_q
@@ -131,8 +134,8 @@ def leaf_stats(
     # Where P_v < Q_v / e, the term is written P x - P + Q: Q dominates (no cancellation), and g(x) itself would
     # overflow in fp32 below x = -88 (P = 5e-42, Q = 1 gives P * inf = inf instead of ~Q).
     term = torch.where(x < -1, p * x - p + eb * inv_sb, p * gap(x))
-    kl = torch.where(ea == 0, zero, term).sum(dim=-1) + outside.squeeze(-1)
-    return torch.stack((la, ent, lb, kl))
+    divergence = torch.where(ea == 0, zero, term).sum(dim=-1) + outside.squeeze(-1)
+    return torch.stack((la, ent, lb, divergence))
 
 
 def merge_stats(stats: Tensor) -> Tensor:
@@ -156,9 +159,15 @@ def merge_stats(stats: Tensor) -> Tensor:
     lb_i = stats[:, LB]
     lb = torch.logsumexp(lb_i, dim=0)
     log_wb = lb_i - _no_mass_to_zero(lb)
-    # chain rule: KL = sum_i [w_i (KL_i + g(log w_i - log v_i))], and v_i for a group where P has no mass;
-    # P mass in a group where Q has none gives +inf
-    kl = torch.where(wa == 0, torch.exp(log_wb), wa * (stats[:, KL] + kl_gap(log_wa - log_wb))).sum(dim=0)
+    # chain rule: KL = sum_i [w_i KL_i + w_i g(x_i)], x_i = log w_i - log v_i, and v_i for a group where P has no
+    # mass; P mass in a group where Q has none gives +inf. Where x_i < -1 (v_i > e w_i) the gap term is written
+    # w x - w + v, as in the leaf: v dominates (nothing cancels) and g(x) = x + e^-x - 1 would overflow (fp32 below
+    # x = -88: a finite KL reported as inf)
+    x = log_wa - log_wb
+    far = x < -1
+    direct = wa * torch.where(far, x, zero) - wa + torch.exp(log_wb)
+    gap = torch.where(far, direct, wa * kl_gap(torch.where(far, zero, x)))
+    kl = torch.where(wa == 0, torch.exp(log_wb), wa * stats[:, KL] + gap).sum(dim=0)
     # convention: a row where P has no mass at all (every logit -inf) is an empty, masked row with KL 0
     kl = torch.where(la == float("-inf"), zero, kl)
     return torch.stack((la, ent, lb, kl))

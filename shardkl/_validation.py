@@ -11,6 +11,8 @@ look-alike) is a 0-d tensor here; the one host synchronisation of a call is read
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from shardkl.distributed import check_tiling
+from shardkl.distributed import check_tiling, is_initialized
 from shardkl.layout import VocabLayout
 from shardkl.options import NAN_POLICIES
 
@@ -35,6 +37,8 @@ _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.flo
     TOKEN_MIN,
     TOKEN_MAX,
     HAS_TOKENS,
+    TOKEN_SUM,  # the sum of the ids, and a position-weighted hash of them: ranks must pass the same tokens
+    TOKEN_HASH,
     ROWS,
     SHAPE,
     P_DTYPE,
@@ -48,11 +52,14 @@ _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.flo
     Q_NAN,
     Q_POSINF,
     FIRST_BAD,
-    ROW0_SUM,
-    ROW0_MIN,
-    ROW0_MAX,
-) = range(25)
-NUM_META = 25
+    P_PROBABILITY_ROWS,  # rows whose log-sum-exp over this rank's slice says "probabilities" (see below)
+    Q_PROBABILITY_ROWS,
+    NO_PROCESS_GROUP,  # WORLD_SIZE of an environment that launched several ranks without a process group, else 0
+) = range(27)
+NUM_META = 27
+
+# the hash of the token ids, modulo a prime below 2**31 (products of two residues fit in int64, sums stay exact)
+_HASH_PRIME = 2_147_483_629
 
 
 def _shape_code(shape: torch.Size) -> int:
@@ -73,19 +80,53 @@ class CallInfo:
     temperature: float
     nan_policy: str
     options_code: int
+    no_process_group: int = 0
 
 
-def local_meta(
-    info: CallInfo, stats: Tensor, row0: Tensor | None, tokens: Tensor | None, mask: Tensor | None
-) -> Tensor:
-    """The metadata vector of this rank, ``[NUM_META]`` float64 on the stats' device.
+def token_hash(tokens: Tensor) -> Tensor:
+    """A 0-d float64 hash of the ids and their positions (no host sync): ranks whose tokens differ in any
+    position, order included, get different hashes except with probability ~1e-9."""
+    n = tokens.numel()
+    ids = tokens.reshape(-1).remainder(_HASH_PRIME)
+    # a fixed pseudo-random weight per position, in [1, prime)
+    weights = (torch.arange(n, device=tokens.device, dtype=torch.int64) * 1_000_003 + 7).remainder(_HASH_PRIME - 1) + 1
+    products = (ids * weights).remainder(_HASH_PRIME)
+    return products.sum().remainder(_HASH_PRIME).to(torch.float64)
 
-    Non-finite inputs show up in the per-token stats for free: a NaN anywhere in a row makes its log-sum-exp NaN,
-    a ``+inf`` makes it ``+inf``. So no extra pass over the logits is needed. What is known on the host travels to
-    the device in one copy and what is computed on the device is a handful of small kernels (a GPU call pays a launch
-    for each), so the vector costs a few launches whatever it holds.
+
+def probability_rows(lse: Tensor, columns: int | Tensor, temperature: float) -> Tensor:
+    """``[inputs]`` float64 counts of the rows of ``lse`` (``[inputs, rows]``, log-sum-exps of ``x / T`` over
+    ``columns`` columns) that look like probabilities; on the device, no host sync (``columns`` may be a 0-d tensor).
+
+    With ``p_v`` in ``[0, 1]`` summing to 1, convexity of ``exp`` on ``[0, 1/T]`` gives ``1 + p/T <= exp(p/T) <=
+    1 + p (e^(1/T) - 1)``, so ``log(n + 1/T) <= lse <= log(n + e^(1/T) - 1)``: a band of width ~0.72/n just above
+    ``log n``, which real logits (whose log-sum-exp is set by their largest values) essentially never hit. It is
+    widened by a quarter of its distance to ``log n`` (the all-zero row) to absorb the rounding of the lse.
     """
-    device = stats.device
+    n = torch.as_tensor(columns, dtype=torch.float64, device=lse.device)
+    inv_t = 1.0 / temperature
+    lo, hi = torch.log(n + inv_t), torch.log(n + math.expm1(inv_t))
+    slack = 0.25 * (lo - torch.log(n))
+    x = lse.to(torch.float64)
+    inside = (x >= lo - slack) & (x <= hi + slack) & (n >= 3)
+    return inside.sum(dim=-1).to(torch.float64)
+
+
+def local_meta(info: CallInfo, lse: Tensor, tokens: Tensor | None, mask: Tensor | None) -> Tensor:
+    """The metadata vector of this rank, ``[NUM_META]`` float64 on the device of ``lse``.
+
+    Args:
+        info: what this rank knows about the call.
+        lse: ``[1 or 2, rows]`` this rank's log-sum-exps of each input over its slice (scaled by ``1/T``).
+        tokens: ``[rows]`` global ids, or ``None``.
+        mask: the per-token mask, or ``None``.
+
+    Non-finite inputs show up in the log-sum-exps for free: a NaN anywhere in a row makes its log-sum-exp NaN, a
+    ``+inf`` makes it ``+inf``, so no extra pass over the logits is needed, and the probabilities look-alike is read
+    off them too. What is known on the host travels to the device in one copy and what is computed on the device is
+    a handful of small kernels (a GPU call pays a launch for each), so the vector costs a few launches.
+    """
+    device = lse.device
     layout = info.layout
     host = [0.0] * NUM_META
     host[KEPT] = float(info.kept)
@@ -103,13 +144,11 @@ def local_meta(
     host[NAN_POLICY] = float(NAN_POLICIES.index(info.nan_policy))
     host[OPTIONS] = float(info.options_code)
     host[FIRST_BAD] = -1.0
-    # no row to look at (or logits that come from hidden states): never looks like probabilities
-    host[ROW0_MIN], host[ROW0_MAX] = -1.0, 2.0
+    host[NO_PROCESS_GROUP] = float(info.no_process_group)
     out = torch.tensor(host, dtype=torch.float64).to(device)
 
     # NaN and +inf rows of P (and Q): counts per kind, and the first bad row
-    two = stats.shape[0] == 4
-    lse = stats[[0, 2]] if two else stats[:1]
+    two = lse.shape[0] == 2
     flags = torch.cat((torch.isnan(lse), lse == float("inf")))  # [NaN P, (NaN Q,) +inf P, (+inf Q)] x rows
     kinds = [P_NAN, Q_NAN, P_POSINF, Q_POSINF] if two else [P_NAN, P_POSINF]
     out[kinds] = flags.sum(dim=1).to(torch.float64)
@@ -119,12 +158,11 @@ def local_meta(
         out[FIRST_BAD] = torch.where(bad.any(), bad.to(torch.uint8).argmax(), -1).to(torch.float64)
     if tokens is not None and tokens.numel() > 0:
         out[[TOKEN_MIN, TOKEN_MAX]] = torch.stack((tokens.min(), tokens.max())).to(torch.float64)
+        out[[TOKEN_SUM, TOKEN_HASH]] = torch.stack((tokens.to(torch.float64).sum(), token_hash(tokens)))
     if mask is not None and mask.numel() and mask.dtype != torch.bool:
         out[MASK_BAD] = ((mask != 0) & (mask != 1)).sum().to(torch.float64)
-    # the first row's sum, min and max over the real columns: probabilities passed as logits sum to 1 in [0, 1]
-    if row0 is not None and row0.numel():
-        first = row0.double()
-        out[[ROW0_SUM, ROW0_MIN, ROW0_MAX]] = torch.stack((first.sum(), first.min(), first.max()))
+    # probabilities passed as logits, or a softmax taken over this rank's slice: any row, either input
+    out[[P_PROBABILITY_ROWS, Q_PROBABILITY_ROWS][: lse.shape[0]]] = probability_rows(lse, info.kept, info.temperature)
     return out
 
 
@@ -173,16 +211,23 @@ def _check_layout(meta: list[list[float]], *, offsets_used: bool) -> int:
 
 
 def check_gathered(
-    meta: list[list[float]], *, validate: bool, shape: torch.Size, names: tuple[str, str] = ("p_logits", "q_logits")
+    meta: list[list[float]],
+    *,
+    validate: bool,
+    shape: torch.Size,
+    names: tuple[str, str] = ("p_logits", "q_logits"),
+    offsets_used: bool = False,
 ) -> int:
     """Raise the same ``ValueError`` on every rank if the ranks' calls do not fit together.
 
     Args:
         meta: the gathered metadata, one list per rank in rank order.
-        validate: run the cross-rank agreement checks (the layout, token-range, mask and NaN checks always run:
-            they are what keeps a wrong offset, token id or NaN from becoming a plausible number).
+        validate: run the cross-rank agreement checks (the layout, token, mask and NaN checks always run: they are
+            what keeps a wrong offset, token id or NaN from becoming a plausible number).
         shape: this rank's leading shape, for the message.
         names: the public names of the two inputs, for the messages.
+        offsets_used: the call reads global ids other than tokens (a top-k teacher's), so the default equal split
+            must hold.
 
     Returns:
         The number of real vocabulary ids (``valid_vocab_size``, or the padded size without one).
@@ -204,15 +249,25 @@ def check_gathered(
             raise ValueError("some ranks passed tokens and others did not; pass the same tokens on every rank")
         if _disagree(meta, NAN_POLICY) or _disagree(meta, OPTIONS):
             raise ValueError("ranks passed different options (impl, nan_policy or validate); use one on every rank")
-    offsets_used = bool(meta[0][HAS_TOKENS]) or meta[0][VALID_VOCAB] >= 0
-    total = _check_layout(meta, offsets_used=offsets_used)
+    has_tokens = bool(meta[0][HAS_TOKENS])
+    total = _check_layout(meta, offsets_used=offsets_used or has_tokens or meta[0][VALID_VOCAB] >= 0)
     valid = int(meta[0][VALID_VOCAB]) if meta[0][VALID_VOCAB] >= 0 else total
-    if meta[0][HAS_TOKENS] and any(row[ROWS] > 0 for row in meta):
+    if has_tokens and any(row[ROWS] > 0 for row in meta):
         lo = int(min(row[TOKEN_MIN] for row in meta))
         hi = int(max(row[TOKEN_MAX] for row in meta))
         if lo < 0 or hi >= valid:
             what = "the valid vocabulary size" if valid != total else "the vocabulary size, summed over the shards"
-            raise ValueError(f"tokens must be ids in [0, {valid}) ({what}), got min {lo} and max {hi}")
+            raise ValueError(
+                f"tokens must be ids in [0, {valid}) ({what}), got min {lo} and max {hi}"
+                + _no_process_group_hint(int(meta[0][NO_PROCESS_GROUP]))
+            )
+    if has_tokens and not _disagree(meta, HAS_TOKENS) and (_disagree(meta, TOKEN_SUM) or _disagree(meta, TOKEN_HASH)):
+        # the ids are read where each rank holds them: ranks with other tokens would mix tokens (-inf log-probs)
+        sums = ", ".join(f"rank {r}: {row[TOKEN_SUM]:.0f}" for r, row in enumerate(meta))
+        raise ValueError(
+            f"ranks passed different tokens (sums of the ids: {sums}; or the same ids in another order); every rank "
+            "of the vocabulary group must pass the same token ids, in the same order"
+        )
     for r, row in enumerate(meta):
         if row[MASK_BAD] > 0:
             raise ValueError(
@@ -232,29 +287,70 @@ def check_gathered(
                         f"(first at flat token index {int(row[FIRST_BAD])}); logits must be finite or -inf. "
                         "Pass options=shardkl.Options(nan_policy='propagate') to get NaN results for those tokens"
                     )
-    _warn_if_probabilities(meta, valid, names[0])
     return valid
+
+
+def _no_process_group_hint(world: int) -> str:
+    if world <= 1:
+        return ""
+    return (
+        f". WORLD_SIZE={world} says this process is one of {world} ranks, but no group was given and "
+        "torch.distributed is not initialized: each rank computed over its own slice as if it were the whole "
+        "vocabulary. Call torch.distributed.init_process_group() and pass group= (or layout=, or DTensors)"
+    )
+
+
+def no_process_group_world() -> int:
+    """``WORLD_SIZE`` when the environment launched several ranks (torchrun) but ``torch.distributed`` is not
+    initialized, else 0: a call without a group then silently computes over each rank's own slice."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0
+    return world if world > 1 and not is_initialized() else 0
+
+
+_warned_no_process_group = False
+
+
+def warn_if_no_process_group(world: int) -> None:
+    """Warn once per process that a call without a group runs in a multi-rank environment without a process
+    group (see :func:`no_process_group_world`)."""
+    global _warned_no_process_group
+    if world <= 1 or _warned_no_process_group:
+        return
+    _warned_no_process_group = True
+    warnings.warn("shardkl: " + _no_process_group_hint(world)[2:], UserWarning, stacklevel=4)
 
 
 _warned_probabilities = False
 
 
-def _warn_if_probabilities(meta: list[list[float]], valid: int, name: str) -> None:
-    """Warn once per process when the first row looks like probabilities, not logits: every value in [0, 1]
-    and the row summing to 1 over the whole vocabulary."""
+def warn_if_probabilities(meta: list[list[float]], global_rows: list[float], names: tuple[str, ...]) -> None:
+    """Warn once per process when any row of an input looks like probabilities rather than logits: over one
+    rank's slice (a softmax taken per slice, or probabilities of the whole vocabulary on one rank), or over the
+    whole vocabulary (``global_rows``: counts per input after the merge of the ranks)."""
     global _warned_probabilities
-    if _warned_probabilities or valid < 3:
+    if _warned_probabilities:
         return
-    total = sum(row[ROW0_SUM] for row in meta)
-    holding = [row for row in meta if row[KEPT] > 0]
-    low = min((row[ROW0_MIN] for row in holding), default=-1.0)
-    high = max((row[ROW0_MAX] for row in holding), default=2.0)
-    if low >= 0.0 and high <= 1.0 and abs(total - 1.0) < 1e-2:
+    for i, (index, name) in enumerate(zip((P_PROBABILITY_ROWS, Q_PROBABILITY_ROWS), names, strict=False)):
+        ranks = [r for r, row in enumerate(meta) if row[index] > 0]
+        whole = i < len(global_rows) and global_rows[i] > 0
+        if not ranks and not whole:
+            continue
+        if whole:
+            where = f"{int(global_rows[i])} row(s) of {name} look like probabilities over the whole vocabulary"
+        else:
+            where = (
+                f"{name} looks like probabilities over the vocabulary slice of rank(s) {ranks} "
+                f"({int(max(meta[r][index] for r in ranks))} row(s))"
+            )
         _warned_probabilities = True
         warnings.warn(
-            f"shardkl: the first row of {name} lies in [0, 1] and sums to 1 over the vocabulary: these look like "
-            "probabilities, not logits. Pass logits (or log-probabilities); softmax of probabilities is nearly "
-            "uniform and gives a KL near 0",
+            f"shardkl: {where}: values in [0, 1] summing to 1, whose log-sum-exp is log(V) + ~1/V. Pass logits "
+            "(or log-probabilities) of the whole vocabulary: softmax of probabilities is nearly uniform and gives "
+            "a divergence near 0",
             UserWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
+        return

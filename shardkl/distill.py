@@ -5,40 +5,32 @@
   checks' metadata, then a sum over the ranks of the per-token partial divergences), the backward none. β = 0 and
   β = 1 are KL(P‖Q) and KL(Q‖P) (TRL's convention), one engine call each.
 - :func:`topk_kl`: the KL between a teacher known only by its top-k log-probs and the student, over K + 1 buckets
-  (the ids and an exact tail). One all-gather of the student's log-sum-exp without the ids and its logits at the
-  ids (``K + 1`` floats per token per rank, whatever the vocabulary; its full log-sum-exp is their merge), none in
-  backward.
+  (the ids and an exact tail). One all-gather of ``K + 2`` floats per token per rank, whatever the vocabulary, none
+  in backward.
 - :func:`distillation_loss`: forward KL, reverse KL or JSD against full teacher logits or a :class:`TopKTeacher`,
   masked and reduced like :func:`shardkl.kl_penalty`.
 
-The per-tile math lives in :mod:`shardkl._divergences` (no communication); this module walks ``[rows, cols]`` tiles
-of logits the way the fused engine does (its ``_Side`` gives a tile as a view of a logits tensor or as a matmul of a
-:class:`shardkl.LinearLogits`; its ``_Grads`` turns a tile's logit gradient into gradients of the logits or of hidden
-states, weight and bias), adds the collectives and checks, and defines the autograd Functions.
-``docs/distillation.md`` has the derivations and the table of what each divergence does to a student.
+Each function resolves its arguments at the one front door (:func:`shardkl._inputs.resolve`) and runs an op of the
+engine (:mod:`shardkl._ops`): the same tiles, kernels (``options.impl``), collectives and autograd path as the
+exact KL. ``docs/distillation.md`` has the derivations and the table of what each divergence does to a student.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
 
-from shardkl import _divergences, _teacher_checks, _validation
+from shardkl import _teacher_checks
 from shardkl._divergences import Direction
-from shardkl._dtensor import is_dtensor, to_local_like, unwrap_linear, unwrap_logits
-from shardkl._engine import EngineSpec, call_info, compute_dtype
-from shardkl._fused import _Grads, _Side
-from shardkl._fused import tiles as _fused_tiles
-from shardkl._inputs import Call, resolve
-from shardkl.distributed import ProcessGroup, all_gather_flat, all_reduce_sum, check_tiling
-from shardkl.functional import exact_kl, run_engine
-from shardkl.kernels import scaled
+from shardkl._engine import run
+from shardkl._inputs import resolve
+from shardkl._ops import JSDOp, TopKOp, run_kl
+from shardkl.distributed import ProcessGroup
+from shardkl.functional import exact_kl
 from shardkl.layout import VocabLayout
-from shardkl.linear import LinearLogits
+from shardkl.linear import LinearLogits, Logits
 from shardkl.options import Options
 from shardkl.reduction import Reduction, check_reduction, reduce_checked
 
@@ -60,199 +52,6 @@ class TopKTeacher(NamedTuple):
     logprobs: Tensor
 
 
-# --- tiles of logits ------------------------------------------------------------------------------------------
-
-Source = Tensor | LinearLogits
-_Parts = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]
-
-
-def _parts(x: Source) -> _Parts:
-    """``(logits, hidden, weight, bias)`` of one side, the autograd inputs of the Functions below."""
-    if isinstance(x, LinearLogits):
-        return None, x.hidden, x.weight, x.bias
-    return x, None, None, None
-
-
-def _side(parts: _Parts) -> _Side:
-    return _Side(*parts)
-
-
-def _blocks(side: _Side) -> Iterator[tuple[slice, list[slice]]]:
-    """The fused engine's walk: vocabulary blocks of ``C`` columns (a block of weight rows is converted once), each
-    with its row blocks; nothing for an empty shard."""
-    rows, vocab = side.rows, side.vocab
-    if rows == 0 or vocab == 0:
-        return
-    row_block, col_block = _fused_tiles(rows, vocab, side.device)
-    row_slices = [slice(r, min(r + row_block, rows)) for r in range(0, rows, row_block)]
-    for c0 in range(0, vocab, col_block):
-        yield slice(c0, min(c0 + col_block, vocab)), row_slices
-
-
-def _tile(side: _Side, rows: slice, cols: slice, block: tuple[Tensor, Tensor | None] | None, dtype: torch.dtype,
-          temperature: float) -> Tensor:
-    """One ``[rows, cols]`` tile of scaled logits in the compute dtype (a view, or a matmul for a linear side)."""
-    return scaled(side.tile(rows, cols, block, dtype), dtype, temperature)
-
-
-def _row0(parts: _Parts) -> Tensor | None:
-    logits = parts[0]
-    return logits[(0,) * (logits.dim() - 1)] if logits is not None and logits.numel() else None
-
-
-def _input_dtype(parts: _Parts) -> torch.dtype:
-    source = parts[0] if parts[0] is not None else parts[1]
-    assert source is not None
-    return source.dtype
-
-
-def _device(parts: _Parts) -> torch.device:
-    source = parts[0] if parts[0] is not None else parts[1]
-    assert source is not None
-    return source.device
-
-
-# --- the shared gather ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Spec:
-    """Everything about a divergence call that is not a tensor."""
-
-    engine: EngineSpec
-    beta: float = 0.5
-    direction: Direction = "forward"
-
-
-def _gather(body: Tensor, extra_meta: Tensor | None, meta: Tensor, spec: EngineSpec, what: str) -> Tensor:
-    """All-gather ``[body, extra_meta, meta]`` as one float64 vector per rank; returns ``[world, length]``."""
-    pieces = [body.to(torch.float64).reshape(-1)]
-    if extra_meta is not None:
-        pieces.append(extra_meta)
-    pieces.append(meta)
-    return all_gather_flat(torch.cat(pieces), spec.layout.group, what=what, timeout_s=spec.options.resolved_timeout_s)
-
-
-def _no_mass(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``-inf`` everywhere: the log-sum-exp of no columns, the identity of the merges below."""
-    return torch.full(shape, float("-inf"), dtype=dtype, device=device)
-
-
-# --- generalised JSD ------------------------------------------------------------------------------------------
-
-
-class _JSDFunction(torch.autograd.Function):
-    """Per-token ``JSD_β`` for 0 < β < 1: two collectives in forward, none in backward.
-
-    Inputs per side: ``logits`` (a tensor), or ``hidden, weight, bias`` of a :class:`shardkl.LinearLogits`.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        a_logits: Tensor | None,
-        a_hidden: Tensor | None,
-        a_weight: Tensor | None,
-        a_bias: Tensor | None,
-        b_logits: Tensor | None,
-        b_hidden: Tensor | None,
-        b_weight: Tensor | None,
-        b_bias: Tensor | None,
-        mask: Tensor | None,
-        spec: _Spec,
-    ) -> Tensor:
-        parts_a: _Parts = (a_logits, a_hidden, a_weight, a_bias)
-        parts_b: _Parts = (b_logits, b_hidden, b_weight, b_bias)
-        side_a, side_b = _side(parts_a), _side(parts_b)
-        engine, beta = spec.engine, spec.beta
-        temperature = engine.temperature
-        dtype = compute_dtype(*parts_a[:3], *parts_b[:3])
-        device = _device(parts_a)
-        rows, lead_shape = side_a.rows, side_a.lead_shape
-        # accumulated over the column tiles in float64: [2, rows] only, and the rounding of ~60 fp32 merges would
-        # reach the digits of a JSD of 5e-9
-        lse = _no_mass((2, rows), torch.float64, device)
-        for cols, row_slices in _blocks(side_a):
-            block_a, block_b = side_a.block(cols, dtype), side_b.block(cols, dtype)
-            for rs in row_slices:
-                tile_a = _tile(side_a, rs, cols, block_a, dtype, temperature)
-                tile_b = _tile(side_b, rs, cols, block_b, dtype, temperature)
-                part = torch.stack((_divergences.tile_lse(tile_a), _divergences.tile_lse(tile_b)))
-                lse[:, rs] = torch.logaddexp(lse[:, rs], part.to(torch.float64))
-        zeros = torch.zeros(rows, dtype=torch.float64, device=device)
-        # the engine's stats layout (LA, ENT, LB, KL), so the shared checks read NaN and +inf of both inputs
-        stats = torch.stack((lse[0], zeros, lse[1], zeros))
-        info = call_info(
-            engine, kept=side_a.vocab, rows=rows, lead_shape=lead_shape, p_dtype=_input_dtype(parts_a),
-            q_dtype=_input_dtype(parts_b),
-        )
-        meta = _validation.local_meta(info, stats, _row0(parts_a), None, mask)
-        # Collective 1 of 2: every rank's log-sum-exps of both inputs (log M needs the global ones) and metadata.
-        gathered = _gather(lse, None, meta, engine, "log-sum-exps of the JSD")
-        world = gathered.shape[0]
-        # every rank checks the same gathered numbers, so all of them raise (or none does)
-        _validation.check_gathered(
-            gathered[:, -_validation.NUM_META :].tolist(), validate=engine.options.validate, shape=lead_shape
-        )
-        # merged in float64, in rank order: the same on every rank
-        merged = torch.logsumexp(gathered[:, : 2 * rows].reshape(world, 2, rows), dim=0).to(dtype)
-        lse_a, lse_b = merged[0], merged[1]
-        partial = torch.zeros(2, rows, dtype=dtype, device=device)
-        for cols, row_slices in _blocks(side_a):
-            block_a, block_b = side_a.block(cols, dtype), side_b.block(cols, dtype)
-            for rs in row_slices:
-                partial[:, rs] += _divergences.jsd_tile_terms(
-                    _tile(side_a, rs, cols, block_a, dtype, temperature),
-                    _tile(side_b, rs, cols, block_b, dtype, temperature),
-                    lse_a[rs], lse_b[rs], beta,
-                )
-        # Collective 2 of 2: the per-token partial KL(P‖M) and KL(Q‖M) of every rank's columns, summed.
-        total = all_reduce_sum(
-            partial.to(torch.float64), engine.layout.group, what="partial JSD terms",
-            timeout_s=engine.options.resolved_timeout_s,
-        )
-        kl_pm, kl_qm = total[0].to(dtype), total[1].to(dtype)
-        value = (beta * total[0] + (1 - beta) * total[1]).to(dtype)
-        ctx.save_for_backward(*parts_a, *parts_b, lse_a, lse_b, kl_pm, kl_qm)
-        ctx.spec, ctx.dtype = spec, dtype
-        ctx.set_materialize_grads(False)
-        return value.reshape(lead_shape)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        saved = ctx.saved_tensors
-        parts_a, parts_b = tuple(saved[0:4]), tuple(saved[4:8])
-        lse_a, lse_b, kl_pm, kl_qm = saved[8:12]
-        spec, dtype = ctx.spec, ctx.dtype
-        temperature, beta = spec.engine.temperature, spec.beta
-        side_a, side_b = _side(parts_a), _side(parts_b)
-        grads_a = _Grads(side_a, ctx.needs_input_grad[0:4], dtype)
-        grads_b = _Grads(side_b, ctx.needs_input_grad[4:8], dtype)
-        if grad is not None and (grads_a.any or grads_b.any):
-            g = grad.reshape(-1).to(dtype)
-            for cols, row_slices in _blocks(side_a):
-                block_a, block_b = side_a.block(cols, dtype), side_b.block(cols, dtype)
-                grads_a.start_block(cols)
-                grads_b.start_block(cols)
-                for rs in row_slices:
-                    ga, gb = _divergences.jsd_tile_grads(
-                        _tile(side_a, rs, cols, block_a, dtype, temperature),
-                        _tile(side_b, rs, cols, block_b, dtype, temperature),
-                        lse_a[rs], lse_b[rs], kl_pm[rs], kl_qm[rs], beta, g[rs],
-                        need_a=grads_a.any, need_b=grads_b.any,
-                    )
-                    # the tile's gradient is with respect to the scaled logits: 1/T for the raw ones
-                    grads_a.add(_unscaled(ga, temperature), rs, cols, block_a)
-                    grads_b.add(_unscaled(gb, temperature), rs, cols, block_b)
-                grads_a.end_block(cols)
-                grads_b.end_block(cols)
-        return (*grads_a.result(), *grads_b.result(), None, None)
-
-
-def _unscaled(grad: Tensor | None, temperature: float) -> Tensor | None:
-    return grad if grad is None or temperature == 1.0 else grad.mul_(1.0 / temperature)
-
-
 def _check_beta(beta: object) -> float:
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"beta must be a number in [0, 1], got {type(beta).__name__}")
@@ -261,14 +60,9 @@ def _check_beta(beta: object) -> float:
     return float(beta)
 
 
-def _spec(call: Call, *, beta: float = 0.5, direction: Direction = "forward") -> _Spec:
-    engine = EngineSpec(call.layout, call.layout_given, call.temperature, call.options, entropy=False)
-    return _Spec(engine, beta, direction)
-
-
 def jsd(
-    p_logits: Source,
-    q_logits: Source,
+    p_logits: Logits,
+    q_logits: Logits,
     *,
     beta: float = 0.5,
     group: ProcessGroup | None = None,
@@ -295,8 +89,7 @@ def jsd(
         q_logits: this rank's slice of the logits of Q, same shape.
         beta: the weight of P in the mixture, in ``[0, 1]``.
         group, layout, temperature, valid_vocab_size, options: as in :func:`shardkl.kl_stats`; the temperature
-            divides both inputs. ``options.impl`` chooses the engine's kernels at β = 0 and 1; for 0 < β < 1 the
-            passes run eager PyTorch on memory-bounded tiles.
+            divides both inputs.
         mask: bool or 0/1 tensor shaped like the result; 1 = the token counts.
         reduction: see :func:`shardkl.reduce_tokens`.
 
@@ -315,119 +108,13 @@ def jsd(
     )
     assert call.q is not None
     if beta == 0.0:
-        values = run_engine(call, entropy=False).exact_kl
+        values = run_kl(call, entropy=False).exact_kl
     elif beta == 1.0:
-        # KL(Q‖P): the engine with the two inputs' roles exchanged
-        values = run_engine(call._replace(p=call.q, q=call.p, names=call.names[::-1]), entropy=False).exact_kl
+        # KL(Q‖P): the KL op with the two inputs' roles exchanged
+        values = run_kl(call._replace(p=call.q, q=call.p, names=call.names[::-1]), entropy=False).exact_kl
     else:
-        values = _JSDFunction.apply(*_parts(call.p), *_parts(call.q), call.mask, _spec(call, beta=beta))
+        (values,) = run(call, JSDOp(beta, call.mask))
     return reduce_checked(values, call.mask, reduction)
-
-
-# --- top-k teacher --------------------------------------------------------------------------------------------
-
-
-class _TopKFunction(torch.autograd.Function):
-    """Per-token bucket KL between a top-k teacher and the sharded student: one collective, none in backward.
-
-    The student is ``logits`` (a tensor), or ``hidden, weight, bias`` of a :class:`shardkl.LinearLogits`.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        s_logits: Tensor | None,
-        s_hidden: Tensor | None,
-        s_weight: Tensor | None,
-        s_bias: Tensor | None,
-        ids: Tensor,
-        logprobs: Tensor,
-        mask: Tensor | None,
-        spec: _Spec,
-    ) -> Tensor:
-        parts: _Parts = (s_logits, s_hidden, s_weight, s_bias)
-        side = _side(parts)
-        engine = spec.engine
-        temperature = engine.temperature
-        dtype = compute_dtype(*parts[:3], logprobs)
-        device = _device(parts)
-        rows, lead_shape, k = side.rows, side.lead_shape, ids.shape[-1]
-        local_ids = ids - engine.layout.start
-        lse = _no_mass((rows,), dtype, device)
-        lse_excl = _no_mass((rows,), torch.float64, device)
-        s_ids = _no_mass((rows, k), dtype, device)
-        for cols, row_slices in _blocks(side):
-            block = side.block(cols, dtype)
-            for rs in row_slices:
-                tile = _tile(side, rs, cols, block, dtype, temperature)
-                tile_lse, tile_excl, tile_ids = _divergences.topk_tile_stats(tile, local_ids[rs] - cols.start)
-                lse[rs] = torch.logaddexp(lse[rs], tile_lse)
-                lse_excl[rs] = torch.logaddexp(lse_excl[rs], tile_excl)
-                # each id lies in at most one tile; the others read -inf
-                s_ids[rs] = torch.maximum(s_ids[rs], tile_ids)
-        keep = None if mask is None else (mask.reshape(-1) != 0)
-        # this rank's full log-sum-exp only feeds the shared checks (NaN, +inf); the global one is the merge of
-        # the buckets, so it does not travel
-        stats = torch.stack((lse, torch.zeros_like(lse)))
-        info = call_info(
-            engine, kept=side.vocab, rows=rows, lead_shape=lead_shape, p_dtype=_input_dtype(parts), q_dtype=None
-        )
-        meta = _validation.local_meta(info, stats, _row0(parts), None, mask)
-        teacher_meta = _teacher_checks.teacher_meta(ids, logprobs, keep)
-        body = torch.cat([lse_excl, s_ids.reshape(-1).to(torch.float64)])
-        # The one collective: per token the student's log-sum-exp without the teacher's ids and its logits at the
-        # ids this rank holds (K + 1 floats, whatever V), then the teacher's and the call's check metadata.
-        gathered = _gather(body, teacher_meta, meta, engine, "student statistics at the teacher's top-k")
-        world = gathered.shape[0]
-        n_meta, n_teacher = _validation.NUM_META, _teacher_checks.NUM_TEACHER_META
-        # every rank checks the same gathered numbers, so all of them raise (or none does)
-        valid = _validation.check_gathered(
-            gathered[:, -n_meta:].tolist(), validate=engine.options.validate, shape=lead_shape
-        )
-        if not engine.layout_given:
-            # the ids are global, so the default equal-split assumption must hold
-            check_tiling(
-                [(int(r[_validation.START]), int(r[_validation.STOP])) for r in gathered[:, -n_meta:].tolist()],
-                _validation._EQUAL_SPLIT_HINT,
-            )
-        _teacher_checks.check_gathered_teacher(
-            gathered[:, -(n_meta + n_teacher) : -n_meta].tolist(), valid, validate=engine.options.validate
-        )
-        # merged in float64, in rank order: the same on every rank
-        excl64 = torch.logsumexp(gathered[:, :rows], dim=0)
-        # exactly one rank holds each id; the others sent -inf
-        ids64 = gathered[:, rows : (1 + k) * rows].reshape(world, rows, k).amax(dim=0)
-        tolerance = _teacher_checks.SUM_TOLERANCE.get(logprobs.dtype, _teacher_checks.DEFAULT_TOLERANCE)
-        buckets = _divergences.buckets(excl64, ids64, logprobs.to(torch.float64), tolerance)
-        value = _divergences.topk_divergence(buckets, spec.direction)
-        inputs = _divergences.topk_grad_inputs(
-            buckets, _divergences.student_lse(excl64, ids64), excl64, spec.direction
-        )
-        ctx.save_for_backward(*parts, local_ids, *(x.to(dtype) for x in inputs))
-        ctx.spec, ctx.dtype = spec, dtype
-        ctx.set_materialize_grads(False)
-        return value.to(dtype).reshape(lead_shape)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        saved = ctx.saved_tensors
-        parts, local_ids = tuple(saved[0:4]), saved[4]
-        inputs = _divergences.TopKGradInputs(*saved[5:])
-        side, dtype, temperature = _side(parts), ctx.dtype, ctx.spec.engine.temperature
-        grads = _Grads(side, ctx.needs_input_grad[0:4], dtype)
-        if grad is not None and grads.any:
-            g = grad.reshape(-1).to(dtype)
-            for cols, row_slices in _blocks(side):
-                block = side.block(cols, dtype)
-                grads.start_block(cols)
-                for rs in row_slices:
-                    row_inputs = _divergences.TopKGradInputs(*(x[rs] for x in inputs))
-                    tile_grad = _divergences.topk_tile_grads(
-                        _tile(side, rs, cols, block, dtype, temperature), local_ids[rs] - cols.start, row_inputs, g[rs]
-                    )
-                    grads.add(_unscaled(tile_grad, temperature), rs, cols, block)
-                grads.end_block(cols)
-        return (*grads.result(), None, None, None, None)
 
 
 def _check_direction(direction: object) -> None:
@@ -436,7 +123,7 @@ def _check_direction(direction: object) -> None:
 
 
 def topk_kl(
-    student_logits: Source,
+    student_logits: Logits,
     teacher_ids: Tensor,
     teacher_logprobs: Tensor,
     *,
@@ -469,8 +156,7 @@ def topk_kl(
             rescale them, and no gradient flows to them.
         direction: ``"forward"``: KL(teacher‖student), mass-covering; ``"reverse"``: KL(student‖teacher),
             mode-seeking.
-        group, layout, valid_vocab_size, options: as in :func:`shardkl.kl_stats` (``options.impl`` is not used: the
-            passes run eager PyTorch on memory-bounded tiles).
+        group, layout, valid_vocab_size, options: as in :func:`shardkl.kl_stats`.
         mask: bool or 0/1 tensor ``[...]``; 1 = the token counts. Rows with 0 are neither checked nor counted.
         reduction: see :func:`shardkl.reduce_tokens`.
         temperature: the student's distribution is ``softmax(student_logits / T)``.
@@ -492,22 +178,16 @@ def topk_kl(
     call = resolve(
         student_logits, None, None, mask, group=group, layout=layout, valid_vocab_size=valid_vocab_size,
         temperature=temperature, options=options, two_inputs=False, p_name="student_logits",
+        per_token={"teacher_ids": teacher_ids, "teacher_logprobs": teacher_logprobs},
     )
-    mesh_dim = None
-    if is_dtensor(student_logits):
-        mesh_dim = unwrap_logits("student_logits", student_logits, None).mesh_dim
-    elif isinstance(student_logits, LinearLogits) and is_dtensor(student_logits.weight):
-        mesh_dim = unwrap_linear("student_logits", student_logits, None).mesh_dim
-    if mesh_dim is not None:
-        # per-token teacher tensors, replicated over the vocabulary mesh dimension like tokens and masks
-        teacher_ids = to_local_like("teacher_ids", teacher_ids, mesh_dim)
-        teacher_logprobs = to_local_like("teacher_logprobs", teacher_logprobs, mesh_dim)
-    ids, logprobs = _teacher_checks.check_teacher(teacher_ids, teacher_logprobs, call.p.shape[:-1])
+    ids, logprobs = _teacher_checks.check_teacher(
+        call.per_token["teacher_ids"], call.per_token["teacher_logprobs"], call.p.shape[:-1]
+    )
     k = ids.shape[-1]
-    parts = _parts(call.p)
-    ids = ids.to(device=_device(parts), dtype=torch.long).reshape(-1, k)
-    logprobs = logprobs.detach().to(device=_device(parts)).reshape(-1, k)
-    values = _TopKFunction.apply(*parts, ids, logprobs, call.mask, _spec(call, direction=direction))
+    device = call.p.hidden.device if isinstance(call.p, LinearLogits) else call.p.device
+    ids = ids.to(device=device, dtype=torch.long).reshape(-1, k)
+    logprobs = logprobs.detach().to(device=device).reshape(-1, k)
+    (values,) = run(call, TopKOp(ids, logprobs, direction, call.mask))
     return reduce_checked(values, call.mask, reduction)
 
 
@@ -515,8 +195,8 @@ def topk_kl(
 
 
 def distillation_loss(
-    student_logits: Source,
-    teacher: Source | TopKTeacher,
+    student_logits: Logits,
+    teacher: Logits | TopKTeacher,
     *,
     divergence: Divergence = "forward_kl",
     beta: float | None = None,
@@ -581,8 +261,7 @@ def distillation_loss(
         )
     if divergence == "jsd":
         return jsd(teacher, student_logits, beta=0.5 if beta is None else beta, **common)
-    # the engine: one collective, both inputs' gradients; P is the first argument (exact_kl takes LinearLogits
-    # too, though its annotation says Tensor)
+    # the KL op: one collective, both inputs' gradients; P is the first argument
     pair = (teacher, student_logits) if divergence == "forward_kl" else (student_logits, teacher)
     return exact_kl(*pair, **common)
 

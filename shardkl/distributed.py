@@ -5,17 +5,13 @@ stats of ``shardkl._stats``) plus a few metadata floats per rank (its vocabulary
 was asked). Each rank then merges the gathered stats in rank order, so every rank computes bit-identical
 results. Every collective waits at most a timeout and raises :class:`CollectiveError` naming the rank.
 
-``CollectiveCounter`` counts the collectives (and bytes) issued through ``torch.distributed`` while it is
-active; tests and the benchmark use it to show one collective per forward and none per backward.
+:mod:`shardkl.testing` counts the collectives (and bytes) issued through ``torch.distributed``; tests and the
+benchmark use it to show one collective per forward and none per backward.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -26,6 +22,11 @@ from torch import Tensor
 from shardkl.options import default_timeout_s
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup; typed loosely so the module imports without a backend
+
+
+def is_initialized() -> bool:
+    """Whether ``torch.distributed`` is available and its default process group exists."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def rank_and_size(group: ProcessGroup | None) -> tuple[int, int]:
@@ -99,7 +100,12 @@ def all_reduce_sum(
 
 
 def argmax_over_ranks(
-    best: Tensor, best_id: Tensor, group: ProcessGroup | None, *, bounds: tuple[int, int] | None = None
+    best: Tensor,
+    best_id: Tensor,
+    group: ProcessGroup | None,
+    *,
+    bounds: tuple[int, int] | None = None,
+    timeout_s: float | None = None,
 ) -> Tensor:
     """Global argmax from each rank's local ``(max value, global id)``: the first maximum in rank order.
 
@@ -109,6 +115,7 @@ def argmax_over_ranks(
         group: process group the vocabulary is split over.
         bounds: this rank's vocabulary slice ``(start, stop)``; if given, every rank checks that the slices tile
             the vocabulary in rank order and raises the same ``ValueError`` if not.
+        timeout_s: how long the collective may wait (default: :func:`shardkl.options.default_timeout_s`).
 
     Returns:
         int64 ids shaped like ``best``, identical on every rank (a tie goes to the lowest rank, so to the lowest
@@ -118,7 +125,7 @@ def argmax_over_ranks(
     meta = torch.tensor([-1.0, -1.0] if bounds is None else [float(bounds[0]), float(bounds[1])], dtype=torch.float64)
     # One all-gather of (local max, its global id) and the slice bounds; every rank then picks the same winner.
     local = torch.cat([best.reshape(-1).double().cpu(), best_id.reshape(-1).double().cpu(), meta])
-    gathered = all_gather_flat(local, group, what="sampled tokens")
+    gathered = all_gather_flat(local, group, what="sampled tokens", timeout_s=timeout_s)
     if bounds is not None:
         check_tiling([(int(row[-2]), int(row[-1])) for row in gathered[:, -2:].tolist()])
     winner = gathered[:, :n].argmax(dim=0, keepdim=True)
@@ -139,83 +146,3 @@ def check_tiling(slices: list[tuple[int, int]], hint: str = "") -> None:
                 f"{start}, expected {expected} ({described}){hint}"
             )
         expected = stop
-
-
-_COUNTED = (
-    "all_gather_single",
-    "all_gather_into_tensor",
-    "all_gather",
-    "all_reduce",
-    "reduce_scatter_tensor",
-    "broadcast",
-    "all_to_all_single",
-    "reduce",
-    "gather",
-    "scatter",
-    "barrier",
-)
-
-
-@dataclass
-class CollectiveCounter:
-    """Counts calls of ``torch.distributed`` collectives and the bytes each rank sends through them."""
-
-    calls: dict[str, int] = field(default_factory=dict)
-    bytes_sent: int = 0
-
-    @property
-    def total(self) -> int:
-        return sum(self.calls.values())
-
-    def reset(self) -> None:
-        self.calls.clear()
-        self.bytes_sent = 0
-
-
-def _tensor_bytes(args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> int:
-    tensors = [x for x in (*args, *kwargs.values()) if isinstance(x, Tensor)]
-    if not tensors:
-        return 0
-    # the input is the last positional tensor for gathers (output first), the first otherwise
-    t = tensors[-1] if name.startswith("all_gather") else tensors[0]
-    return t.numel() * t.element_size()
-
-
-@contextmanager
-def count_collectives() -> Iterator[CollectiveCounter]:
-    """Context manager that counts ``torch.distributed`` collectives issued inside it (this process only).
-
-    Example:
-        >>> with count_collectives() as c:
-        ...     shardkl.exact_kl(p, q, group=g)
-        >>> c.total, c.bytes_sent
-    """
-    counter = CollectiveCounter()
-    originals: dict[str, Any] = {}
-    depth = threading.local()
-
-    def wrap(name: str, fn: Any) -> Any:
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            # one user-level call counts once, even where torch implements it through another collective
-            outer = getattr(depth, "value", 0) == 0
-            if outer:
-                counter.calls[name] = counter.calls.get(name, 0) + 1
-                counter.bytes_sent += _tensor_bytes(args, kwargs, name)
-            depth.value = getattr(depth, "value", 0) + 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                depth.value -= 1
-
-        return counted
-
-    for name in _COUNTED:
-        fn = getattr(dist, name, None)
-        if fn is not None:
-            originals[name] = fn
-            setattr(dist, name, wrap(name, fn))
-    try:
-        yield counter
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)

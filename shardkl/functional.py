@@ -11,63 +11,18 @@ runs one path: :func:`shardkl._inputs.resolve` checks and lays out the arguments
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 from torch import Tensor
 
-from shardkl import estimators
-from shardkl._engine import EngineSpec, ShardedStatsFunction
-from shardkl._fused import FusedStatsFunction
-from shardkl._inputs import Call, resolve
+from shardkl._inputs import resolve
+from shardkl._ops import KLStats, run_kl
 from shardkl.distributed import ProcessGroup
 from shardkl.estimators import SampledEstimator, check_estimator
 from shardkl.layout import VocabLayout
-from shardkl.linear import LinearLogits, Logits
+from shardkl.linear import Logits
 from shardkl.options import Options
 from shardkl.reduction import Reduction, check_reduction, reduce_checked
-
-
-class KLStats(NamedTuple):
-    """Per-token results of :func:`kl_stats`, each shaped like the logits without their last dimension.
-
-    Attributes:
-        exact_kl: KL(P‖Q) over the full vocabulary.
-        entropy: entropy of P.
-        p_logprobs: log P(x) at the given tokens (``None`` without tokens).
-        q_logprobs: log Q(x) at the given tokens (``None`` without tokens).
-        k1, k2, k3: Schulman's estimators of KL(P‖Q) at the tokens, assumed sampled from P (``None`` without tokens).
-    """
-
-    exact_kl: Tensor
-    entropy: Tensor
-    p_logprobs: Tensor | None
-    q_logprobs: Tensor | None
-    k1: Tensor | None
-    k2: Tensor | None
-    k3: Tensor | None
-
-
-def _side(x: Tensor | LinearLogits | None) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """``(logits, hidden, weight, bias)`` of one side for the fused engine."""
-    if isinstance(x, LinearLogits):
-        return None, x.hidden, x.weight, x.bias
-    return x, None, None, None
-
-
-def run_engine(call: Call, *, entropy: bool = True) -> KLStats:
-    """The engine on a resolved call: one collective, all per-token results (``q`` may be ``None``)."""
-    spec = EngineSpec(call.layout, call.layout_given, call.temperature, call.options, entropy, call.names)
-    if isinstance(call.p, LinearLogits) or isinstance(call.q, LinearLogits):
-        kl, ent, logp, logq = FusedStatsFunction.apply(*_side(call.p), *_side(call.q), call.tokens, call.mask, spec)
-    else:
-        kl, ent, logp, logq = ShardedStatsFunction.apply(call.p, call.q, call.tokens, call.mask, spec)
-    if call.tokens is None:
-        return KLStats(kl, ent, None, None, None, None, None)
-    if call.q is None:
-        return KLStats(kl, ent, logp, None, None, None, None)
-    log_ratio = logq - logp
-    k1, k2, k3 = (estimators.from_log_ratio(log_ratio, name) for name in estimators.SAMPLED_ESTIMATORS)  # type: ignore[arg-type]
-    return KLStats(kl, ent, logp, logq, k1, k2, k3)
 
 
 def kl_stats(
@@ -107,7 +62,7 @@ def kl_stats(
         p_logits, q_logits, tokens, None, group=group, layout=layout, valid_vocab_size=valid_vocab_size,
         temperature=temperature, options=options, two_inputs=True,
     )
-    return run_engine(call)
+    return run_kl(call)
 
 
 def exact_kl(
@@ -140,7 +95,7 @@ def exact_kl(
         p_logits, q_logits, None, mask, group=group, layout=layout, valid_vocab_size=valid_vocab_size,
         temperature=temperature, options=options, two_inputs=True,
     )
-    return reduce_checked(run_engine(call, entropy=False).exact_kl, call.mask, reduction)
+    return reduce_checked(run_kl(call, entropy=False).exact_kl, call.mask, reduction)
 
 
 def sampled_kl(
@@ -177,7 +132,7 @@ def sampled_kl(
         p_logits, q_logits, tokens, mask, group=group, layout=layout, valid_vocab_size=valid_vocab_size,
         temperature=temperature, options=options, two_inputs=True,
     )
-    stats = run_engine(call, entropy=False)
+    stats = run_kl(call, entropy=False)
     values: Any = getattr(stats, estimator)
     return reduce_checked(values, call.mask, reduction)
 
@@ -208,7 +163,7 @@ def token_logprobs(
         logits, None, tokens, None, group=group, layout=layout, valid_vocab_size=valid_vocab_size,
         temperature=temperature, options=options, two_inputs=False, p_name="logits",
     )
-    logp = run_engine(call, entropy=False).p_logprobs
+    logp = run_kl(call, entropy=False).p_logprobs
     assert logp is not None
     return logp
 
@@ -235,7 +190,7 @@ def entropy(
         logits, None, None, None, group=group, layout=layout, valid_vocab_size=valid_vocab_size,
         temperature=temperature, options=options, two_inputs=False, p_name="logits",
     )
-    return run_engine(call).entropy
+    return run_kl(call).entropy
 
 
-__all__ = ["KLStats", "entropy", "exact_kl", "kl_stats", "run_engine", "sampled_kl", "token_logprobs"]
+__all__ = ["KLStats", "entropy", "exact_kl", "kl_stats", "sampled_kl", "token_logprobs"]

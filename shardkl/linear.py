@@ -6,18 +6,30 @@ drops it; backward recomputes each tile and turns its logit gradient into ``grad
 ``grad_bias`` with two more matmuls.
 
 Tensor-parallel semantics: ``hidden`` holds the full rows, replicated over the vocabulary group; ``weight`` holds
-this rank's rows of the output layer (``[V_local, H]``). The gradient shardkl returns for ``hidden`` is this rank's
-partial sum over its vocabulary rows, exactly what a column-parallel layer's input gradient always is: the layer
-that replicated ``hidden`` sums it over the group in backward (Megatron's ``copy_to_tensor_model_parallel_region``,
-:func:`shardkl.parallel.copy_to_tensor_parallel_region`, or a DTensor ``Partial`` gradient).
+this rank's rows of the output layer (``[V_local, H]``). Each rank's gradient of ``hidden`` is then its partial sum
+over its vocabulary rows, and the caller says which gradient it wants (``hidden_grad``) whenever ``hidden`` requires
+grad under a group of more than one rank:
+
+- ``"partial"``: that partial sum, exactly what a column-parallel layer's input gradient always is; the layer that
+  replicated ``hidden`` sums it over the group in backward (Megatron's ``copy_to_tensor_model_parallel_region``,
+  :func:`shardkl.parallel.copy_to_tensor_parallel_region`, or a DTensor ``Partial`` gradient);
+- ``"full"``: shardkl sums it over the group in backward (one all-reduce of ``[N, H]``, the only collective of a
+  backward), so every rank gets the gradient one process would compute.
+
+Unsaid, such a call raises ``ValueError`` naming both: a partial gradient taken for the full one is a silent error
+of the size of the gradient itself.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
+
+HiddenGrad = Literal["partial", "full"]
+HIDDEN_GRADS: tuple[str, ...] = get_args(HiddenGrad)
 
 
 @dataclass(frozen=True)
@@ -29,6 +41,10 @@ class LinearLogits:
         weight: ``[V_local, H]`` this rank's rows of the output layer (``lm_head``), or a DTensor sharded
             ``Shard(0)`` on the vocabulary mesh dimension (then ``hidden`` is a DTensor too, replicated there).
         bias: ``[V_local]`` this rank's entries of the output bias, or ``None``.
+        hidden_grad: under a group of more than one rank with ``hidden`` requiring grad, which gradient of
+            ``hidden`` to return: ``"partial"`` (this rank's partial sum over its vocabulary rows; the caller sums it
+            over the group, as a column-parallel layer's input does) or ``"full"`` (shardkl all-reduces it in
+            backward). Ignored on one rank and for DTensors (whose ``Partial`` gradient says it).
 
     Example:
         >>> # student and teacher may have different hidden sizes, never a different vocabulary layout
@@ -37,11 +53,14 @@ class LinearLogits:
         ...     shardkl.LinearLogits(teacher_hidden, teacher_head.weight),
         ...     group=tp_group,
         ... )
+        >>> # a trainable hidden state under tensor parallelism: say which gradient you want
+        >>> shardkl.LinearLogits(hidden, head_rows, hidden_grad="full")
     """
 
     hidden: Tensor
     weight: Tensor
     bias: Tensor | None = None
+    hidden_grad: HiddenGrad | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -54,7 +73,7 @@ class LinearLogits:
         hidden = self.hidden[index]  # type: ignore[index]
         if hidden.dim() < 1 or hidden.shape[-1] != self.hidden.shape[-1]:
             raise IndexError("LinearLogits can only be indexed in its token dimensions, not in the hidden size")
-        return LinearLogits(hidden, self.weight, self.bias)
+        return LinearLogits(hidden, self.weight, self.bias, self.hidden_grad)
 
 
 Logits = Tensor | LinearLogits
@@ -70,6 +89,8 @@ def check_linear(name: str, source: LinearLogits) -> None:
         if not value.is_floating_point():
             raise TypeError(f"{name}.{part} must have a floating dtype, got {value.dtype}")
     hidden, weight, bias = source.hidden, source.weight, source.bias
+    if source.hidden_grad is not None and source.hidden_grad not in HIDDEN_GRADS:
+        raise ValueError(f"{name}.hidden_grad must be one of {HIDDEN_GRADS} or None, got {source.hidden_grad!r}")
     if hidden.dim() < 1:
         raise ValueError(f"{name}.hidden must be [..., H], got a 0-d tensor")
     if weight.dim() != 2:
@@ -96,7 +117,7 @@ def trimmed(source: LinearLogits, keep: int) -> LinearLogits:
     if keep == source.weight.shape[0]:
         return source
     bias = None if source.bias is None else source.bias[:keep]
-    return LinearLogits(source.hidden, source.weight[:keep], bias)
+    return LinearLogits(source.hidden, source.weight[:keep], bias, source.hidden_grad)
 
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -127,4 +148,14 @@ def logits_tile(hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: torc
     return out if bias is None else out.add_(bias.to(dtype))
 
 
-__all__ = ["LinearLogits", "Logits", "check_linear", "logits_tile", "matmul", "operand_dtype", "trimmed"]
+__all__ = [
+    "HIDDEN_GRADS",
+    "HiddenGrad",
+    "LinearLogits",
+    "Logits",
+    "check_linear",
+    "logits_tile",
+    "matmul",
+    "operand_dtype",
+    "trimmed",
+]

@@ -30,10 +30,9 @@ import torch
 from torch import Tensor
 
 from shardkl import estimators
-from shardkl._dtensor import is_dtensor
 from shardkl._inputs import resolve
+from shardkl._ops import KLStats, run_kl
 from shardkl.distributed import ProcessGroup
-from shardkl.functional import KLStats, run_engine
 from shardkl.layout import VocabLayout
 from shardkl.linear import Logits
 from shardkl.options import Options
@@ -149,7 +148,7 @@ def kl_penalty(
         p_logits, q_logits, tokens if name != "exact" else None, mask, group=group, layout=layout,
         valid_vocab_size=valid_vocab_size, temperature=temperature, options=options, two_inputs=True,
     )
-    stats = run_engine(call, entropy=False)
+    stats = run_kl(call, entropy=False)
     per_token = penalty_from_stats(stats, estimator=estimator, clamp=clamp, log_ratio_clamp=log_ratio_clamp)
     return reduce_checked(per_token, call.mask, reduction)
 
@@ -227,22 +226,17 @@ def grpo_loss(
     check_reduction(reduction)
     call = resolve(
         p_logits, q_logits, tokens, mask, group=group, layout=layout, valid_vocab_size=valid_vocab_size,
-        temperature=temperature, options=options, two_inputs=True,
+        temperature=temperature, options=options, two_inputs=True, per_token={"advantages": advantages},
     )
     assert call.tokens is not None
-    per_token_advantage = _advantages(_local(advantages), call.tokens.shape)
-    stats = run_engine(call, entropy=False)
+    per_token_advantage = _advantages(call.per_token["advantages"], call.tokens.shape)
+    stats = run_kl(call, entropy=False)
     assert stats.p_logprobs is not None
     per_token_pg = -per_token_advantage.to(stats.p_logprobs.dtype) * stats.p_logprobs
     policy_loss = reduce_checked(per_token_pg, call.mask, reduction)
     penalty = penalty_from_stats(stats, estimator=estimator, clamp=clamp, log_ratio_clamp=log_ratio_clamp)
     kl = reduce_checked(penalty, call.mask, reduction)
     return GRPOLoss(policy_loss + kl_coef * kl, policy_loss, kl, stats.p_logprobs.detach(), stats.exact_kl.detach())
-
-
-def _local(x: object) -> object:
-    # a per-token DTensor (advantages; replicated over the vocabulary group) pairs with the plain per-token results
-    return x.to_local() if is_dtensor(x) else x  # type: ignore[attr-defined]
 
 
 __all__ = [

@@ -93,7 +93,7 @@ class ColumnParallelLMHead(nn.Module):
     def linear_logits(self, hidden: Tensor) -> LinearLogits:
         """This rank's logits as a :class:`shardkl.LinearLogits`, for shardkl to reduce without materialising them;
         pass ``layout=self.layout`` with it. ``hidden``'s gradient is summed over the group, as in :meth:`forward`."""
-        return LinearLogits(copy_to_tensor_parallel_region(hidden, self.group), self.weight)
+        return LinearLogits(copy_to_tensor_parallel_region(hidden, self.group), self.weight, hidden_grad="partial")
 
 
 __all__ = ["ColumnParallelLMHead", "CopyToTensorParallelRegion", "copy_to_tensor_parallel_region", "padded_vocab_size"]

@@ -19,9 +19,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from shardkl._inputs import resolve
 from shardkl.distributed import ProcessGroup, argmax_over_ranks
 from shardkl.layout import VocabLayout
-from shardkl.linear import LinearLogits, check_linear, logits_tile
+from shardkl.linear import LinearLogits, Logits, logits_tile
+from shardkl.options import Options
 
 BLOCK = 1024
 
@@ -80,7 +82,7 @@ def sharded_random(
 
 @torch.no_grad()
 def sample_tokens(
-    logits: Tensor | LinearLogits,
+    logits: Logits,
     *,
     seed: int,
     group: ProcessGroup | None = None,
@@ -89,57 +91,49 @@ def sample_tokens(
     num_samples: int | None = None,
     valid_vocab_size: int | None = None,
     stream: str = "gumbel",
+    options: Options | None = None,
 ) -> Tensor:
     """Draw global token ids from ``softmax(logits / T)`` over the sharded vocabulary (Gumbel-max).
 
     Args:
-        logits: this rank's slice of the logits, ``[..., V_local]``, or a :class:`shardkl.LinearLogits` (its logits
-            are then computed one block of columns at a time, never all at once).
+        logits: this rank's slice of the logits, ``[..., V_local]`` (or a DTensor sharded on its last dimension),
+            or a :class:`shardkl.LinearLogits` (its logits are then computed one block of columns at a time, never
+            all at once).
         seed: seed of the noise; the same seed gives the same tokens for any world size.
-        group: process group the vocabulary is split over (Megatron's equal split), or ``None``.
-        layout: this rank's slice, for other splits (see :class:`shardkl.VocabLayout`); replaces ``group``.
-        temperature: softmax temperature.
+        group, layout, temperature, valid_vocab_size: as in :func:`shardkl.kl_stats`; ids at or beyond
+            ``valid_vocab_size`` are padding and never drawn.
         num_samples: ``None`` for one draw per row shaped ``[...]``; ``k`` for ``[k, ...]`` independent draws.
-        valid_vocab_size: ids at or beyond it are padding and never drawn.
         stream: name of the noise stream; use different streams (e.g. per step) for independent draws.
+        options: as in :func:`shardkl.kl_stats` (its timeout applies to the one collective).
 
     Returns:
         int64 global ids, identical on every rank of the group. One collective (an all-gather of two floats per
         draw and row, plus each rank's slice bounds, checked to tile the vocabulary).
     """
-    if isinstance(logits, LinearLogits):
-        check_linear("logits", logits)
-    elif not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 1:
-        raise TypeError("logits must be a floating-point tensor with a vocabulary dimension, or a LinearLogits")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if isinstance(num_samples, bool) or not (num_samples is None or isinstance(num_samples, int)):
+        raise TypeError(f"num_samples must be an int or None, got {type(num_samples).__name__}")
     draws = 1 if num_samples is None else num_samples
     if draws < 1:
         raise ValueError(f"num_samples must be >= 1 or None, got {num_samples}")
-    local = logits.shape[-1]
-    if layout is None:
-        layout = VocabLayout.equal(local, group) if group is not None else VocabLayout.full(local)
-    elif group is not None and group is not layout.group:
-        raise ValueError("pass the group once: either group= or layout=VocabLayout(..., group=...)")
-    layout = layout.with_valid_vocab_size(valid_vocab_size)
-    if layout.local_size != local:
-        raise ValueError(
-            f"the layout says this rank holds [{layout.start}, {layout.stop}) ({layout.local_size} ids), but logits "
-            f"have {local} columns"
-        )
-    lead = logits.shape[:-1]
+    call = resolve(
+        logits, None, None, None, group=group, layout=layout, valid_vocab_size=valid_vocab_size,
+        temperature=temperature, options=options, two_inputs=False, p_name="logits",
+    )
+    source, layout, temperature = call.p, call.layout, call.temperature
+    lead = source.shape[:-1]
     rows = int(torch.Size(lead).numel())
     kept = layout.kept_size
-    if isinstance(logits, LinearLogits):
-        hidden = logits.hidden.reshape(rows, -1)
+    if isinstance(source, LinearLogits):
+        hidden = source.hidden.reshape(rows, -1)
         device = hidden.device
+        weight, bias_rows = source.weight, source.bias
 
         def columns(lo: int, hi: int) -> Tensor:
-            bias = None if logits.bias is None else logits.bias[lo:hi]
-            return logits_tile(hidden, logits.weight[lo:hi], bias, torch.float32)
+            bias = None if bias_rows is None else bias_rows[lo:hi]
+            return logits_tile(hidden, weight[lo:hi], bias, torch.float32)
     else:
-        flat = logits.reshape(rows, local)
-        device = logits.device
+        flat = source.reshape(rows, source.shape[-1])
+        device = source.device
 
         def columns(lo: int, hi: int) -> Tensor:
             return flat[:, lo:hi].float()
@@ -162,7 +156,9 @@ def sample_tokens(
             better = value.double() > best[s]
             best[s] = torch.where(better, value.double(), best[s])
             best_id[s] = torch.where(better, (index + block_lo).double(), best_id[s])
-    ids = argmax_over_ranks(best, best_id, layout.group, bounds=(layout.start, layout.stop))
+    ids = argmax_over_ranks(
+        best, best_id, layout.group, bounds=(layout.start, layout.stop), timeout_s=call.options.resolved_timeout_s
+    )
     shape = tuple(lead) if num_samples is None else (draws, *lead)
     return ids.reshape(shape).to(device)
 

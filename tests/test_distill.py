@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import shardkl
-from shardkl import _fused
+from shardkl import _sources
 from tests._distill_reference import bucket_reference, jsd_reference, teacher_topk, trl_generalized_jsd
 
 BETAS = (0.0, 0.1, 0.5, 0.9, 1.0)
@@ -26,8 +26,8 @@ def _pair(shape=(3, 5, 97), scale=2.0, delta=0.7, seed=0, dtype=torch.float64):
 @pytest.fixture
 def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     """Many row and vocabulary tiles, so the merges over tiles are exercised."""
-    monkeypatch.setattr(_fused, "TILE_ELEMENTS", 64)
-    monkeypatch.setattr(_fused, "MAX_TILE_COLS", 16)
+    monkeypatch.setattr(_sources, "TILE_ELEMENTS", 64)
+    monkeypatch.setattr(_sources, "MAX_TILE_COLS", 16)
 
 
 # --- jsd ------------------------------------------------------------------------------------------------------

@@ -8,9 +8,10 @@ import torch
 import torch.distributed as dist
 
 import shardkl
-from shardkl import _fused
+from shardkl import _sources
 from shardkl._teacher_checks import NUM_TEACHER_META
 from shardkl._validation import NUM_META
+from shardkl.testing import count_collectives
 from tests._distill_reference import bucket_reference, jsd_reference, teacher_topk
 from tests._distributed import local_layout, local_slice, run_ranks, split_sizes
 
@@ -104,7 +105,7 @@ def _check_topk(rank: int, world: int, sizes: list[int]) -> None:
 
 
 def _check_values_and_gradients(rank: int, world: int) -> None:
-    _fused.TILE_ELEMENTS, _fused.MAX_TILE_COLS = 24, 5  # several tiles per shard
+    _sources.TILE_ELEMENTS, _sources.MAX_TILE_COLS = 24, 5  # several tiles per shard
     sizes = split_sizes(VOCAB, world, "uneven")
     if world == 3:
         assert sizes[0] == 0  # an empty shard
@@ -125,9 +126,9 @@ def _check_collectives(rank: int, world: int) -> None:
     x = local_slice(student, sizes, rank).float().requires_grad_()
     y = local_slice(teacher, sizes, rank).float().requires_grad_()
     for beta in BETAS:
-        with shardkl.count_collectives() as fwd:
+        with count_collectives() as fwd:
             value = shardkl.jsd(y, x, beta=beta, layout=layout)
-        with shardkl.count_collectives() as bwd:
+        with count_collectives() as bwd:
             value.sum().backward()
         ends = beta in (0.0, 1.0)
         assert fwd.total == (1 if ends else 2), (beta, fwd.calls)
@@ -140,19 +141,19 @@ def _check_collectives(rank: int, world: int) -> None:
             assert fwd.bytes_sent == 8 * (2 * rows + NUM_META) + 8 * 2 * rows
     for k in (1, 4, VOCAB):
         ids, logprobs = teacher_topk(teacher, k)
-        with shardkl.count_collectives() as fwd:
+        with count_collectives() as fwd:
             value = shardkl.topk_kl(x, ids, logprobs.float(), layout=layout, direction="reverse")
-        with shardkl.count_collectives() as bwd:
+        with count_collectives() as bwd:
             value.sum().backward()
         assert fwd.total == 1 and bwd.total == 0, (fwd.calls, bwd.calls)
-        # K + 1 floats per token (independent of V), the teacher's and the call's metadata
-        assert fwd.bytes_sent == 8 * ((k + 1) * rows + NUM_TEACHER_META + NUM_META), k
+        # K + 2 floats per token (independent of V): the lse, the tail's lse, the K logits; then the metadata
+        assert fwd.bytes_sent == 8 * ((k + 2) * rows + NUM_TEACHER_META + NUM_META), k
     # the bytes do not depend on the vocabulary
     ids, logprobs = teacher_topk(teacher, 4)
     wide = local_layout([2 * s for s in sizes], rank)
-    with shardkl.count_collectives() as narrow_count:
+    with count_collectives() as narrow_count:
         shardkl.topk_kl(x.detach(), ids, logprobs, layout=layout)
-    with shardkl.count_collectives() as wide_count:
+    with count_collectives() as wide_count:
         shardkl.topk_kl(torch.cat([x, x], -1).detach(), ids, logprobs, layout=wide)
     assert wide_count.bytes_sent == narrow_count.bytes_sent
 

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 import shardkl
-from shardkl import _fused
+from shardkl import _sources
+from shardkl.testing import count_collectives
 from tests._distill_reference import bucket_reference, jsd_reference
 from tests._distributed import local_layout, run_ranks, split_sizes
 
@@ -39,7 +40,7 @@ def _logits(m: dict[str, torch.Tensor], leaves: dict[str, torch.Tensor]) -> tupl
 
 
 def _check(rank: int, world: int) -> None:
-    _fused.TILE_ELEMENTS, _fused.MAX_TILE_COLS = 96, 16  # several row and vocabulary blocks per shard
+    _sources.TILE_ELEMENTS, _sources.MAX_TILE_COLS = 96, 16  # several row and vocabulary blocks per shard
     sizes = split_sizes(VOCAB, world)
     start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
     layout = local_layout(sizes, rank)
@@ -55,12 +56,13 @@ def _check(rank: int, world: int) -> None:
         (want * m["weights"]).sum().backward()
         leaves = {k: (m[k][start:stop] if k.startswith(("w_", "b_")) else m[k]).clone().requires_grad_() for k in names}
         teacher_w = leaves.get("w_t", m["w_t"][start:stop])
-        teacher_src = shardkl.LinearLogits(leaves.get("h_t", m["h_t"]), teacher_w)
-        student_src = shardkl.LinearLogits(leaves["h_s"], leaves["w_s"], leaves["b_s"])
-        with shardkl.count_collectives() as forward:
+        # each rank's partial gradient of the hidden states, summed below as the replicating layer would
+        teacher_src = shardkl.LinearLogits(leaves.get("h_t", m["h_t"]), teacher_w, hidden_grad="partial")
+        student_src = shardkl.LinearLogits(leaves["h_s"], leaves["w_s"], leaves["b_s"], hidden_grad="partial")
+        with count_collectives() as forward:
             got = value_of(teacher_src, student_src, layout)
         torch.testing.assert_close(got, want.detach(), rtol=1e-11, atol=1e-14, msg=kind)
-        with shardkl.count_collectives() as backward:
+        with count_collectives() as backward:
             (got * m["weights"]).sum().backward()
         assert backward.total == 0, (kind, backward.calls)
         if world > 1:

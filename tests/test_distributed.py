@@ -9,6 +9,7 @@ import torch.distributed as dist
 import shardkl
 from shardkl._validation import NUM_META
 from shardkl.kernels import eager
+from shardkl.testing import count_collectives
 from tests._distributed import local_layout, local_slice, run_ranks, split_sizes
 from tests.reference import reference
 
@@ -79,16 +80,16 @@ def _check_collectives_and_padding(rank: int, world: int) -> None:
     y = local_slice(b, sizes, rank).float().requires_grad_()
     layout = local_layout(sizes, rank)
     # the very first call of this process: one collective, no warm-up, nothing learned or cached
-    with shardkl.count_collectives() as fwd:
+    with count_collectives() as fwd:
         stats = shardkl.kl_stats(x, y, tokens, layout=layout)
-    with shardkl.count_collectives() as bwd:
+    with count_collectives() as bwd:
         (stats.exact_kl.sum() + stats.k3.sum() + stats.entropy.sum()).backward()
     assert fwd.total == 1, fwd.calls
     assert bwd.total == 0, bwd.calls
     # bytes per token per rank do not depend on the vocabulary
     tokens_count = tokens.numel()
     wide = local_layout([2 * s for s in sizes], rank)
-    with shardkl.count_collectives() as wide2:
+    with count_collectives() as wide2:
         shardkl.kl_stats(torch.cat([x, x], -1).detach(), torch.cat([y, y], -1).detach(), tokens, layout=wide)
     assert wide2.total == 1 and wide2.bytes_sent == fwd.bytes_sent
     # 4 stats + 2 sampled-token logits per token in float64, plus the per-rank metadata

@@ -1,7 +1,8 @@
 """LinearLogits: exact KL, entropy and log-probs from hidden states and output-layer rows, never the logits.
 
-References materialise the logits ``hidden @ weight.T + bias`` in float64. Gradients of ``hidden`` are each rank's
-partial sums, so the test sums them over the ranks, as the layer that replicated ``hidden`` would.
+References materialise the logits ``hidden @ weight.T + bias`` in float64. Under a group, the gradients of
+``hidden`` are each rank's partial sums with ``hidden_grad="partial"`` (the test sums them over the ranks, as the
+layer that replicated ``hidden`` would) and the full gradient with ``hidden_grad="full"`` (shardkl's all-reduce).
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import torch
 import torch.distributed as dist
 
 import shardkl
-from shardkl import _fused
+from shardkl import _sources
 from shardkl.estimators import from_log_ratio
+from shardkl.testing import count_collectives
 from tests._distributed import local_layout, run_ranks, split_sizes
 from tests.reference import reference
 
@@ -49,29 +51,31 @@ def _reference(m: dict[str, torch.Tensor], temperature: float, valid: int = VOCA
     return {k: v.detach() for k, v in ref.items()}, {k: v.grad for k, v in leaves.items()}
 
 
-def _check_ranks(rank: int, world: int, dtype: torch.dtype, temperature: float) -> None:
+def _check_ranks(rank: int, world: int, dtype: torch.dtype, temperature: float, hidden_grad: str = "partial") -> None:
     sizes = split_sizes(VOCAB, world)
     start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
     m = _model(dtype=dtype)
     ref, ref_grads = _reference(m, temperature)
     leaves = {k: m[k].clone().requires_grad_() for k in ("h_p", "h_q")}
     leaves |= {k: m[k][start:stop].clone().requires_grad_() for k in ("w_p", "b_p", "w_q")}
-    p = shardkl.LinearLogits(leaves["h_p"], leaves["w_p"], leaves["b_p"])
-    q = shardkl.LinearLogits(leaves["h_q"], leaves["w_q"])
-    with shardkl.count_collectives() as forward:
+    p = shardkl.LinearLogits(leaves["h_p"], leaves["w_p"], leaves["b_p"], hidden_grad=hidden_grad)
+    q = shardkl.LinearLogits(leaves["h_q"], leaves["w_q"], hidden_grad=hidden_grad)
+    with count_collectives() as forward:
         stats = shardkl.kl_stats(p, q, m["tokens"], layout=local_layout(sizes, rank), temperature=temperature)
     got = stats._asdict()
     tol = {torch.float64: 1e-10, torch.float32: 2e-5}.get(dtype, 2e-2)
     for name in NAMES:
         assert got[name].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         torch.testing.assert_close(got[name].double(), ref[name], rtol=tol, atol=tol, msg=name)
-    with shardkl.count_collectives() as backward:
+    with count_collectives() as backward:
         _loss(got).backward()
-    assert forward.total == (1 if world > 1 else 0) and backward.total == 0, (forward.calls, backward.calls)
+    # "full": one all-reduce of each side's hidden-state gradient, the only collectives of the backward
+    in_backward = 2 if hidden_grad == "full" and world > 1 else 0
+    assert forward.total == (1 if world > 1 else 0) and backward.total == in_backward, (forward.calls, backward.calls)
     for name, leaf in leaves.items():
         grad = leaf.grad
         assert grad is not None and grad.dtype == dtype, name
-        if name.startswith("h_") and world > 1:
+        if name.startswith("h_") and world > 1 and hidden_grad == "partial":
             # this rank's partial sum over its vocabulary rows: the replicating layer sums them
             grad = grad.double()
             dist.all_reduce(grad)
@@ -80,13 +84,41 @@ def _check_ranks(rank: int, world: int, dtype: torch.dtype, temperature: float) 
         torch.testing.assert_close(grad.double(), expected, rtol=tol, atol=tol * scale, msg=name)
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_values_and_gradients_of_hidden_weight_bias_on_uneven_ranks(world: int) -> None:
+@pytest.mark.parametrize(("world", "hidden_grad"), [(1, "partial"), (2, "partial"), (2, "full"), (3, "full")])
+def test_values_and_gradients_of_hidden_weight_bias_on_uneven_ranks(world: int, hidden_grad: str) -> None:
     # world 3 splits the vocabulary [0, 501, 502]: rank 0 holds an empty shard
     if world == 1:
-        _check_ranks(0, 1, torch.float64, 0.8)
+        _check_ranks(0, 1, torch.float64, 0.8, hidden_grad)
     else:
-        run_ranks(_check_ranks, world, torch.float64, 0.8)
+        run_ranks(_check_ranks, world, torch.float64, 0.8, hidden_grad)
+
+
+def _unsaid_hidden_grad(rank: int, world: int) -> None:
+    m = _model()
+    sizes = split_sizes(VOCAB, world)
+    start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    hidden = m["h_p"].clone().requires_grad_()
+    with pytest.raises(ValueError, match=r"hidden_grad='partial'.*hidden_grad='full'"):
+        shardkl.exact_kl(
+            shardkl.LinearLogits(hidden, m["w_p"][start:stop]), m["h_q"] @ m["w_q"][start:stop].T,
+            layout=local_layout(sizes, rank),
+        )
+    # no gradient wanted (a frozen teacher, an audit under no_grad): nothing to say
+    shardkl.exact_kl(shardkl.LinearLogits(m["h_p"], m["w_p"][start:stop]), m["h_q"] @ m["w_q"][start:stop].T,
+                     layout=local_layout(sizes, rank))
+    with torch.no_grad():
+        shardkl.exact_kl(shardkl.LinearLogits(hidden, m["w_p"][start:stop]), m["h_q"] @ m["w_q"][start:stop].T,
+                         layout=local_layout(sizes, rank))
+    with pytest.raises(ValueError, match="hidden_grad must be one of"):
+        shardkl.exact_kl(shardkl.LinearLogits(hidden, m["w_p"][start:stop], hidden_grad="mean"),  # type: ignore[arg-type]
+                         m["h_q"] @ m["w_q"][start:stop].T, layout=local_layout(sizes, rank))
+
+
+def test_a_trainable_hidden_state_under_a_group_must_say_which_gradient_it_wants() -> None:
+    # raised before any collective, on every rank; one process needs no choice
+    run_ranks(_unsaid_hidden_grad, 2)
+    m = _model()
+    shardkl.exact_kl(shardkl.LinearLogits(m["h_p"].clone().requires_grad_(), m["w_p"]), m["h_q"] @ m["w_q"].T)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -167,7 +199,7 @@ def test_no_tensor_of_the_logits_size_is_ever_allocated() -> None:
     assert sizes, "the profiler recorded no allocation"
     # the largest allocation is a tile or a gradient, far below one side's logits
     assert max(sizes) < logits_bytes / 4, (max(sizes), logits_bytes)
-    assert _fused.TILE_ELEMENTS * 4 < logits_bytes / 4
+    assert _sources.TILE_ELEMENTS * 4 < logits_bytes / 4
 
 
 def test_bad_linear_logits_are_named() -> None:
@@ -245,9 +277,9 @@ def _check_column_parallel_head(rank: int, world: int) -> None:
         return torch.cat([local, local.new_zeros(3, layout.local_size - layout.kept_size)], -1)
 
     local_ref = padded(layout)
-    with shardkl.count_collectives() as forward:
+    with count_collectives() as forward:
         loss = shardkl.kl_penalty(head.linear_logits(hidden), local_ref, tokens, estimator="k2", layout=layout)
-    with shardkl.count_collectives() as backward:
+    with count_collectives() as backward:
         loss.backward()
     one = shardkl.kl_penalty(one_head.linear_logits(one_hidden), padded(one_head.layout), tokens, estimator="k2",
                              layout=one_head.layout)

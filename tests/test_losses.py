@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import shardkl
 from shardkl.losses import ESTIMATOR_ALIASES, ESTIMATORS
+from shardkl.testing import count_collectives
 from tests._distributed import local_layout, local_slice, run_ranks, split_sizes
 from tests.reference import reference
 
@@ -201,7 +202,7 @@ def _check_kinds_sharded(rank: int, world: int) -> None:
         expected = shardkl.kl_penalty(full, b, tokens, estimator=kind, mask=mask)
         expected.backward()
         x = local_slice(a, sizes, rank).clone().requires_grad_()
-        with shardkl.count_collectives() as counter:
+        with count_collectives() as counter:
             got = shardkl.kl_penalty(x, local_slice(b, sizes, rank), tokens, estimator=kind, mask=mask,
                                      layout=local_layout(sizes, rank))
             got.backward()

@@ -71,6 +71,11 @@ def _mismatches(rank: int, world: int) -> None:
     _expect_same_error(
         rf"\[0, {VOCAB}\)", lambda: shardkl.sampled_kl(x, y, bad_tokens, layout=_layout(rank, world))
     )
+    # the same ids in another order on one rank: log-probs would mix tokens (-inf, NaN k3), caught in the gather
+    shuffled = tokens if rank == 0 else tokens.flip(-1)
+    _expect_same_error(
+        "ranks passed different tokens", lambda: shardkl.kl_stats(x, y, shuffled, layout=_layout(rank, world))
+    )
     # a mask with a 2 on one rank only
     mask = torch.ones(tokens.shape) if rank == 0 else torch.full(tokens.shape, 2.0)
     _expect_same_error("mask must be bool or hold only 0 and 1", lambda: shardkl.exact_kl(x, y, group=group, mask=mask))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -168,3 +169,72 @@ def test_messages_name_the_argument_as_the_caller_wrote_it() -> None:
         shardkl.jsd(a, b, beta=1.0)
     with pytest.raises(ValueError, match="^q_logits holds NaN"):
         shardkl.jsd(a, b, beta=0.0)
+
+
+@pytest.fixture
+def _fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each of shardkl's warn-once warnings may be given again in this test."""
+    from shardkl import _validation
+
+    monkeypatch.setattr(_validation, "_warned_probabilities", False)
+    monkeypatch.setattr(_validation, "_warned_no_process_group", False)
+
+
+@pytest.mark.usefixtures("_fresh_warnings")
+def test_several_ranks_without_a_process_group_warn_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torchrun set WORLD_SIZE but init_process_group was forgotten: group is None (dist.group.WORLD too)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    a, b = _pair()
+    with pytest.warns(UserWarning, match="WORLD_SIZE=2 says this process is one of 2 ranks.*init_process_group"):
+        shardkl.exact_kl(a, b, group=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        shardkl.exact_kl(a, b)
+        # and the range error of a token from another rank's slice says the same
+        with pytest.raises(ValueError, match=r"tokens must be ids in \[0, 40\).*WORLD_SIZE=2.*each rank computed"):
+            shardkl.kl_stats(a, b, torch.tensor([3, 45, 7]))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match=r"got min 3 and max 45$"):
+        shardkl.kl_stats(a, b, torch.tensor([3, 45, 7]))
+
+
+def _probabilities(vocab: int = 1000, rows: int = 6, seed: int = 0) -> torch.Tensor:
+    return torch.softmax(torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 2, -1)
+
+
+@pytest.mark.usefixtures("_fresh_warnings")
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        # P as probabilities, in one row only (row 4)
+        (lambda p, logits: shardkl.exact_kl(torch.cat([logits[:4], p[4:5], logits[5:]]), logits), "p_logits"),
+        # Q as probabilities (KL 0.498 for 0.126 before), and at a temperature
+        (lambda p, logits: shardkl.exact_kl(logits, p), "q_logits"),
+        (lambda p, logits: shardkl.jsd(logits, p, temperature=0.7), "q_logits"),
+        (lambda p, logits: shardkl.entropy(p.bfloat16()), "logits"),
+        (lambda p, logits: shardkl.topk_kl(p, torch.zeros(6, 1, dtype=torch.long), torch.full((6, 1), -1.0)),
+         "student_logits"),
+    ],
+)
+def test_probabilities_passed_as_logits_warn_for_any_row_and_either_input(call, name) -> None:
+    p = _probabilities()
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match=f"{name}.*look like probabilities|{name} looks like probabilities"):
+        call(p, logits)
+
+
+@pytest.mark.usefixtures("_fresh_warnings")
+def test_logits_that_are_not_probabilities_never_warn() -> None:
+    g = torch.Generator().manual_seed(2)
+    cases = [
+        torch.randn(8, 1000, generator=g),
+        torch.zeros(8, 1000),  # a zero-initialised head: log-sum-exp log V exactly, below the band
+        torch.log_softmax(torch.randn(8, 1000, generator=g), -1),  # log-probabilities are fine
+        torch.randn(8, 1000, generator=g) * 1e-3,
+        torch.rand(8, 1000, generator=g),  # in [0, 1] but not summing to 1
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x in cases:
+            shardkl.exact_kl(x, x.flip(0))
+            shardkl.entropy(x, temperature=0.5)

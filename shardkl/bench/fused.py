@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 import shardkl
+import shardkl.testing
 from shardkl.bench.measure import DTYPES, Row, _agree_max, _barrier, _percentile, _sync, peak_extra_bytes
 from shardkl.distributed import rank_and_size
 from shardkl.layout import VocabLayout
@@ -64,7 +65,9 @@ def _calls(inputs: dict[str, torch.Tensor], layout: VocabLayout) -> dict[tuple[s
 
     def kl(fused: bool, p: tuple[torch.Tensor, torch.Tensor], q: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         if fused:
-            return shardkl.exact_kl(shardkl.LinearLogits(*p), shardkl.LinearLogits(*q), layout=layout)
+            # the trainer's usual contract: each rank's partial hidden-state gradient, summed by its TP layer
+            p_src = shardkl.LinearLogits(*p, hidden_grad="partial")
+            return shardkl.exact_kl(p_src, shardkl.LinearLogits(*q, hidden_grad="partial"), layout=layout)
         return shardkl.exact_kl(p[0] @ p[1].T, q[0] @ q[1].T, layout=layout)
 
     def forward(fused: bool | None) -> Callable[[], Any]:
@@ -107,7 +110,7 @@ def measure_fused_point(point: FusedPoint, reps: int, group: Any, device: torch.
     counted: dict[tuple[str, str], tuple[int, int]] = {}
     for key, fn in calls.items():
         _barrier(group)
-        with shardkl.count_collectives() as counter:
+        with shardkl.testing.count_collectives() as counter:
             fn()  # warm-up (and first-use builds)
         _sync(device)
         counted[key] = (counter.total, counter.bytes_sent)

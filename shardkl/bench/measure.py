@@ -36,6 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import shardkl
+import shardkl.testing
 from shardkl.bench import methods as methods_
 from shardkl.distributed import all_gather_flat, rank_and_size
 
@@ -273,7 +274,7 @@ def measure_point(point: Point, config: Config, group: Any, info: dict[str, Any]
         _barrier(group)
         start = time.perf_counter()
         try:
-            with shardkl.count_collectives() as counter:
+            with shardkl.testing.count_collectives() as counter:
                 fn()  # the warm-up (and any first-use build)
             _sync(device)
         except Exception as exc:

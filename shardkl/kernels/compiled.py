@@ -19,13 +19,13 @@ at KL = 5e-9), so the graphs take the KL integrand from :func:`shardkl._stats.kl
 from __future__ import annotations
 
 import functools
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from shardkl import _stats
+from shardkl import _divergences, _stats
 from shardkl.kernels import GradInputs, Kernels, eager
 
 # Logits per input in one compiled call (4 MiB of fp32): large enough that the per-call cost (Python, guards,
@@ -34,9 +34,10 @@ from shardkl.kernels import GradInputs, Kernels, eager
 GRAPH_ELEMENTS = 1 << 20
 
 
-def _leaf(a: Tensor, b: Tensor | None, inv_t: Tensor, dtype: torch.dtype, entropy: bool) -> Tensor:
+def _leaf(a: Tensor, b: Tensor | None, inv_t: Tensor, dtype: torch.dtype, entropy: bool, kl: bool) -> Tensor:
     return _stats.leaf_stats(
-        a.to(dtype) * inv_t, None if b is None else b.to(dtype) * inv_t, entropy=entropy, gap=_stats.kl_gap_series
+        a.to(dtype) * inv_t, None if b is None else b.to(dtype) * inv_t, entropy=entropy, kl=kl,
+        gap=_stats.kl_gap_series,
     )
 
 
@@ -71,45 +72,75 @@ def _grads(
     return grad_a * inv_t, None if grad_b is None else grad_b * inv_t
 
 
+def _jsd_terms(a: Tensor, b: Tensor, inv_t: Tensor, dtype: torch.dtype, lse_a: Tensor, lse_b: Tensor,
+               beta: float) -> Tensor:
+    return _divergences.jsd_tile_terms(a.to(dtype) * inv_t, b.to(dtype) * inv_t, lse_a, lse_b, beta)
+
+
+def _jsd_grads(a: Tensor, b: Tensor, inv_t: Tensor, dtype: torch.dtype, lse_a: Tensor, lse_b: Tensor, kl_pm: Tensor,
+               kl_qm: Tensor, grad: Tensor, beta: float, need_a: bool, need_b: bool) -> tuple[Tensor | None, ...]:
+    ga, gb = _divergences.jsd_tile_grads(
+        a.to(dtype) * inv_t, b.to(dtype) * inv_t, lse_a, lse_b, kl_pm, kl_qm, beta, grad, need_a=need_a,
+        need_b=need_b,
+    )
+    return None if ga is None else ga * inv_t, None if gb is None else gb * inv_t
+
+
+def _topk_stats(s: Tensor, inv_t: Tensor, dtype: torch.dtype, ids: Tensor) -> Tensor:
+    return _divergences.topk_tile_stats(s.to(dtype) * inv_t, ids)
+
+
+def _topk_grads(s: Tensor, inv_t: Tensor, dtype: torch.dtype, ids: Tensor, lse_excl: Tensor, tail_coef: Tensor,
+                id_coef: Tensor) -> Tensor:
+    return _divergences.topk_tile_grads(s.to(dtype) * inv_t, ids, lse_excl, tail_coef, id_coef) * inv_t
+
+
 _LIMITS: dict[str, Any] = {"recompile_limit": 128, "fail_on_recompile_limit_hit": True}
 
 
 @functools.cache
-def _compiled() -> tuple[Any, Any]:
-    return torch.compile(_leaf, dynamic=False), torch.compile(_grads, dynamic=False)
+def _graph(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return torch.compile(fn, dynamic=False)  # type: ignore[no-any-return]
 
 
-def _rows_dynamic(*tensors: Tensor | None) -> None:
-    for t in tensors:
-        if t is not None:
+def _run(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn`` compiled, on ``args``, with every tensor's rows dynamic."""
+    for t in args:
+        if isinstance(t, Tensor) and t.dim():
             # the row count varies between blocks and calls; maybe_: a 1-row block is specialised, not an error
             torch._dynamo.maybe_mark_dynamic(t, 0)
+    with torch._dynamo.config.patch(_LIMITS):
+        return _graph(fn)(*args)
 
 
 def _inv_t(temperature: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor(1.0 / temperature, dtype=dtype, device=device)
 
 
+def _detached(x: Tensor | None) -> Tensor | None:
+    # requires_grad would be one more guard, and one more graph, per family
+    return None if x is None else x.detach()
+
+
 def family(a: Tensor, b: Tensor | None) -> Hashable:
-    """The calls that share compiled graphs (for :class:`shardkl.kernels.Fallback`): device, dtypes, width."""
+    """The calls that share compiled graphs (for :class:`shardkl._dispatch.Fallback`): device, dtypes, width."""
     return (a.device, a.dtype, None if b is None else b.dtype, a.shape[-1], min(a.shape[0], 2))
 
 
-def stats(a: Tensor, b: Tensor | None, *, temperature: float, dtype: torch.dtype, entropy: bool = True) -> Tensor:
-    """Stats of a ``[rows, V_local]`` block (see :class:`shardkl.kernels.Kernels`)."""
+def kl_stats(
+    a: Tensor, b: Tensor | None, *, temperature: float, dtype: torch.dtype, entropy: bool = True, kl: bool = True
+) -> Tensor:
+    """KL stats of a ``[rows, cols]`` block (see :func:`shardkl.kernels.eager.kl_stats`)."""
     inv_t = _inv_t(temperature, dtype, a.device)
-    # detached: requires_grad would be one more guard, and one more graph, per family
-    a, b = a.detach(), None if b is None else b.detach()
 
     def leaf(x: Tensor, y: Tensor | None, temperature: float, dtype: torch.dtype) -> Tensor:
-        _rows_dynamic(x, y)
-        with torch._dynamo.config.patch(_LIMITS):
-            return _compiled()[0](x, y, inv_t, dtype, entropy)  # type: ignore[no-any-return]
+        return _run(_leaf, x, y, inv_t, dtype, entropy, kl)  # type: ignore[no-any-return]
 
-    return eager.tiled_stats(leaf, a, b, temperature=temperature, dtype=dtype, elements=GRAPH_ELEMENTS)
+    return eager.tiled_stats(leaf, a.detach(), _detached(b), temperature=temperature, dtype=dtype,
+                             elements=GRAPH_ELEMENTS)
 
 
-def grads(
+def kl_grads(
     a: Tensor,
     b: Tensor | None,
     *,
@@ -119,26 +150,95 @@ def grads(
     grad_a: Tensor | None,
     grad_b: Tensor | None,
 ) -> None:
-    """Gradients of a ``[rows, V_local]`` block (see :class:`shardkl.kernels.Kernels`)."""
+    """KL gradients of a ``[rows, cols]`` block (see :func:`shardkl.kernels.eager.kl_grads`)."""
     inv_t = _inv_t(temperature, dtype, a.device)
-    a, b = a.detach(), None if b is None else b.detach()
 
     def tile_grads(
         x: Tensor, y: Tensor | None, temperature: float, dtype: torch.dtype, row_inputs: GradInputs
     ) -> tuple[Tensor, Tensor | None]:
-        _rows_dynamic(x, y, *row_inputs)
-        with torch._dynamo.config.patch(_LIMITS):
-            return _compiled()[1](x, y, inv_t, dtype, *row_inputs)  # type: ignore[no-any-return]
+        return _run(_grads, x, y, inv_t, dtype, *row_inputs)  # type: ignore[no-any-return]
 
-    eager.tiled_grads(tile_grads, a, b, temperature=temperature, dtype=dtype, inputs=inputs, grad_a=grad_a,
-                      grad_b=grad_b, elements=GRAPH_ELEMENTS)
+    eager.tiled_grads(tile_grads, a.detach(), _detached(b), temperature=temperature, dtype=dtype, inputs=inputs,
+                      grad_a=grad_a, grad_b=grad_b, elements=GRAPH_ELEMENTS)
+
+
+def jsd_terms(
+    a: Tensor, b: Tensor, *, temperature: float, dtype: torch.dtype, lse_a: Tensor, lse_b: Tensor, beta: float
+) -> Tensor:
+    """JSD terms of a ``[rows, cols]`` block (see :func:`shardkl.kernels.eager.jsd_terms`)."""
+    inv_t = _inv_t(temperature, dtype, a.device)
+    a, b = a.detach(), b.detach()
+    return eager.tiled_sum(
+        lambda rs, cs: _run(_jsd_terms, a[rs, cs], b[rs, cs], inv_t, dtype, lse_a[rs], lse_b[rs], beta),
+        a.shape[0], a.shape[1], 2, a.device, GRAPH_ELEMENTS,
+    )
+
+
+def jsd_grads(
+    a: Tensor,
+    b: Tensor,
+    *,
+    temperature: float,
+    dtype: torch.dtype,
+    lse_a: Tensor,
+    lse_b: Tensor,
+    kl_pm: Tensor,
+    kl_qm: Tensor,
+    grad: Tensor,
+    beta: float,
+    grad_a: Tensor | None,
+    grad_b: Tensor | None,
+) -> None:
+    """JSD gradients of a ``[rows, cols]`` block (see :func:`shardkl.kernels.eager.jsd_grads`)."""
+    inv_t = _inv_t(temperature, dtype, a.device)
+    a, b = a.detach(), b.detach()
+    for rs, col_slices in eager.tiles(a.shape[0], a.shape[1], GRAPH_ELEMENTS):
+        for cs in col_slices:
+            ga, gb = _run(_jsd_grads, a[rs, cs], b[rs, cs], inv_t, dtype, lse_a[rs], lse_b[rs], kl_pm[rs],
+                          kl_qm[rs], grad[rs], beta, grad_a is not None, grad_b is not None)
+            if grad_a is not None:
+                grad_a[rs, cs] = ga
+            if grad_b is not None:
+                grad_b[rs, cs] = gb
+
+
+def topk_stats(s: Tensor, *, temperature: float, dtype: torch.dtype, ids: Tensor) -> Tensor:
+    """Top-k log-sum-exps of a ``[rows, cols]`` block (see :func:`shardkl.kernels.eager.topk_stats`)."""
+    inv_t = _inv_t(temperature, dtype, s.device)
+    s = s.detach()
+    out = torch.full((2, s.shape[0]), float("-inf"), dtype=torch.float64, device=s.device)
+    for rs, col_slices in eager.tiles(s.shape[0], s.shape[1], GRAPH_ELEMENTS):
+        for cs in col_slices:
+            out[:, rs] = torch.logaddexp(out[:, rs], _run(_topk_stats, s[rs, cs], inv_t, dtype, ids[rs] - cs.start))
+    return out
+
+
+def topk_grads(
+    s: Tensor,
+    *,
+    temperature: float,
+    dtype: torch.dtype,
+    ids: Tensor,
+    lse_excl: Tensor,
+    tail_coef: Tensor,
+    id_coef: Tensor,
+    grad_s: Tensor,
+) -> None:
+    """Top-k gradients of a ``[rows, cols]`` block (see :func:`shardkl.kernels.eager.topk_grads`)."""
+    inv_t = _inv_t(temperature, dtype, s.device)
+    s = s.detach()
+    for rs, col_slices in eager.tiles(s.shape[0], s.shape[1], GRAPH_ELEMENTS):
+        for cs in col_slices:
+            grad_s[rs, cs] = _run(_topk_grads, s[rs, cs], inv_t, dtype, ids[rs] - cs.start, lse_excl[rs],
+                                  tail_coef[rs], id_coef[rs])
 
 
 def kernels() -> Kernels:
     """The compiled-graph :class:`shardkl.kernels.Kernels`; raises if ``torch.compile`` cannot be used here."""
     if not hasattr(torch, "compile"):
         raise RuntimeError("this torch has no torch.compile")
-    return Kernels("compiled", stats, grads)
+    return Kernels("compiled", kl_stats, kl_grads, jsd_terms, jsd_grads, topk_stats, topk_grads)
 
 
-__all__ = ["GRAPH_ELEMENTS", "family", "grads", "kernels", "stats"]
+__all__ = ["GRAPH_ELEMENTS", "family", "jsd_grads", "jsd_terms", "kernels", "kl_grads", "kl_stats", "topk_grads",
+           "topk_stats"]

@@ -2,7 +2,9 @@
 
 The source is built on first use by ``torch.compile``'s own C++ toolchain (``torch._inductor``'s code cache: the
 compiler flags and the ``at::vec`` vector types it picks for this CPU, OpenMP), once per pair of input dtypes,
-and cached on disk by that code cache: later processes load it in milliseconds. Each call is **one** native call
+and cached on disk by that code cache. This module records where each build went (keyed by the source, torch,
+Python and the CPU's vector ISA), so that later processes load the extension in milliseconds without importing
+``torch._inductor`` (which alone takes seconds). Each call is **one** native call
 for the whole ``[rows, V_local]`` block, rows in parallel, so there is no per-tile dispatch.
 
 Why not a ``torch.compile`` graph: inductor's CPU loops recompute ``exp`` in every pass (four per pair of logits
@@ -17,14 +19,23 @@ Only fp32 compute (fp32, bf16 and fp16 inputs); the caller routes float64 elsewh
 from __future__ import annotations
 
 import functools
+import getpass
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import sys
+import tempfile
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from shardkl import _stats
-from shardkl.kernels import GradInputs, Kernels, drop_b_without_lse, row_major
+from shardkl.kernels import GradInputs, Kernels, drop_b_without_lse, eager, row_major
 
 # Columns per leaf: as the eager tiling's vocabulary chunk, so both group a long row the same way. A leaf's
 # scratch (2 x 128 KiB per thread) and its inputs stay in a core's L2 cache between passes.
@@ -51,16 +62,73 @@ def source() -> str:
     return resources.files("shardkl.kernels").joinpath("cpu_kernels.cpp").read_text()
 
 
+def _index_path() -> Path:
+    """Where this module records the built extensions: beside inductor's own cache (its default location)."""
+    user = getpass.getuser() if hasattr(os, "getuid") else "user"
+    root = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(tempfile.gettempdir(), f"torchinductor_{user}")
+    return Path(root) / "shardkl-cpu-kernels.json"
+
+
+def _build_key(code: str) -> str:
+    # everything the built extension depends on that can change under a cache directory
+    parts = (code, torch.__version__, sys.version, torch.backends.cpu.get_cpu_capability(), platform.machine())
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def _load_built(key: str) -> Any | None:
+    """The ``kernel`` function of an extension built earlier for ``key``, loaded without importing
+    ``torch._inductor`` (a few seconds on first import), or ``None``."""
+    try:
+        entry = json.loads(_index_path().read_text())[key]
+        name, path = entry["module"], entry["path"]
+        if name not in sys.modules:
+            # the extension reads this pointer at import, as torch._inductor sets it before loading one
+            os.environ["_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"] = str(
+                torch._C._dynamo.guards._torchinductor_pyobject_tensor_data_ptr  # type: ignore[attr-defined]
+            )
+            spec = importlib.util.spec_from_file_location(name, path)
+            if spec is None or spec.loader is None:
+                return None
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            sys.modules[name] = module
+        return sys.modules[name].kernel
+    except Exception:  # no index, no entry, a removed file, another torch: build (or load) through inductor
+        return None
+
+
+def _record_built(key: str, function: Any) -> None:
+    try:
+        module = sys.modules[function.__module__]
+        path = _index_path()
+        index = json.loads(path.read_text()) if path.exists() else {}
+        index[key] = {"module": module.__name__, "path": module.__file__}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # written whole and renamed: a concurrent reader sees the old index or the new one
+        scratch = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        scratch.write_text(json.dumps(index))
+        os.replace(scratch, path)
+    except Exception:  # the index is only a shortcut; inductor's own cache still holds the build
+        pass
+
+
 @functools.cache
 def _kernel(p_dtype: torch.dtype, q_dtype: torch.dtype) -> Any:
-    # private API of torch: any failure here (no compiler, another torch version) is reported by the caller
-    from torch._inductor.codecache import CppPythonBindingsCodeCache
-
     header = (
         f"#define SHARDKL_TA {_CTYPES[p_dtype]}\n#define SHARDKL_TB {_CTYPES[q_dtype]}\n"
         f"#define SHARDKL_MAX_CHUNK {MAX_CHUNK}\n"
     )
-    return CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, header + source())
+    code = header + source()
+    key = _build_key(code)
+    loaded = _load_built(key)
+    if loaded is not None:
+        return loaded
+    # private API of torch: any failure here (no compiler, another torch version) is reported by the caller
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+    function = CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, code)
+    _record_built(key, function)
+    return function
 
 
 def build(p_dtype: torch.dtype, q_dtype: torch.dtype | None = None) -> None:
@@ -80,8 +148,11 @@ def _check_dtype(dtype: torch.dtype) -> None:
         raise TypeError(f"the CPU kernels compute in float32, got compute dtype {dtype}")
 
 
-def stats(a: Tensor, b: Tensor | None, *, temperature: float, dtype: torch.dtype, entropy: bool = True) -> Tensor:
-    """Stats of a ``[rows, V_local]`` block (see :class:`shardkl.kernels.Kernels`)."""
+def kl_stats(
+    a: Tensor, b: Tensor | None, *, temperature: float, dtype: torch.dtype, entropy: bool = True, kl: bool = True
+) -> Tensor:
+    """KL stats of a ``[rows, cols]`` block (see :func:`shardkl.kernels.eager.kl_stats`); ``kl=False`` is not
+    used yet by these kernels (the KL row is computed anyway)."""
     _check_dtype(dtype)
     rows, cols = a.shape
     out = torch.empty(_stats.num_stats(b is not None), rows, dtype=torch.float32, device=a.device)
@@ -100,7 +171,7 @@ def stats(a: Tensor, b: Tensor | None, *, temperature: float, dtype: torch.dtype
     return out
 
 
-def grads(
+def kl_grads(
     a: Tensor,
     b: Tensor | None,
     *,
@@ -110,7 +181,7 @@ def grads(
     grad_a: Tensor | None,
     grad_b: Tensor | None,
 ) -> None:
-    """Gradients of a ``[rows, V_local]`` block (see :class:`shardkl.kernels.Kernels`)."""
+    """KL gradients of a ``[rows, cols]`` block (see :func:`shardkl.kernels.eager.kl_grads`)."""
     _check_dtype(dtype)
     rows, cols = a.shape
     b, grad_b = drop_b_without_lse(b, grad_b, inputs)
@@ -153,6 +224,9 @@ def grads(
            token_cols, rows, cols, a.stride(0), other.stride(0), 1.0 / temperature, flags, _threads(rows))
 
 
-KERNELS = Kernels("compiled", stats, grads)
+# the JSD and top-k entries are eager's until their native kernels exist
+KERNELS = Kernels(
+    "compiled", kl_stats, kl_grads, eager.jsd_terms, eager.jsd_grads, eager.topk_stats, eager.topk_grads
+)
 
-__all__ = ["DTYPES", "KERNELS", "MAX_CHUNK", "build", "grads", "source", "stats"]
+__all__ = ["DTYPES", "KERNELS", "MAX_CHUNK", "build", "kl_grads", "kl_stats", "source"]

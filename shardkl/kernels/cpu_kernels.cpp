@@ -210,9 +210,11 @@ Leaf leaf(const TA* a, const TB* b, int64_t n, float inv_t, int64_t flags, float
   const double ma_s = ma == -INF ? 0.0 : ma, mb_s = mb == -INF ? 0.0 : mb;
   out.la = ma == INF ? INF : ma_s + std::log(sa);
   out.lb = two ? (mb == INF ? INF : mb_s + std::log(sb)) : 0.0;
-  // log P = x - (max + log s): a leaf without mass is shifted by +inf, so that its log P is -inf, not NaN
+  // log P = (x - max) - log s, the max taken out first so that huge logits (near the dtype's limits) keep log s;
+  // a leaf without mass has log s = +inf, so that its log P is -inf, not NaN
   const double a_lse = sa == 0.0 ? INF : ma_s + std::log(sa), b_lse = sb == 0.0 ? INF : mb_s + std::log(sb);
-  const Vec a_shift(static_cast<float>(a_lse));
+  const Vec log_sa(sa == 0.0 ? INF : static_cast<float>(std::log(sa)));
+  const Vec log_sb(sb == 0.0 ? INF : static_cast<float>(std::log(sb)));
   const Vec inv_sa(sa == 0.0 ? 1.0f : static_cast<float>(1.0 / sa));
   const Vec inv_sb(sb == 0.0 ? 1.0f : static_cast<float>(1.0 / sb));
   if (!two && !want_ent) return out;
@@ -220,6 +222,10 @@ Leaf leaf(const TA* a, const TB* b, int64_t n, float inv_t, int64_t flags, float
   // d = log Q - log P = (b - a) - shift, shift = (max_b + log s_b) - (max_a + log s_a): for close logits b - a
   // rounds once and the subtraction of the shift is exact, 4x less error than (b - lse_b) - (a - lse_a)
   const Vec shift(static_cast<float>(b_lse - a_lse));
+  // huge finite logits (near the dtype's limits) can make the shift overflow fp32 where each log-probability is
+  // fine (P and Q both uniform over logits at +max and -max): then d = log Q - log P, each side on its own
+  const bool per_side = !std::isfinite(static_cast<float>(b_lse - a_lse)) && std::isfinite(a_lse) &&
+                        std::isfinite(b_lse);
   const Vec zero(0.0f), half(0.5f);
   double ent = 0.0, kl = 0.0;
   for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {
@@ -232,14 +238,14 @@ Leaf leaf(const TA* a, const TB* b, int64_t n, float inv_t, int64_t flags, float
       Vec p = e * inv_sa;
       // P = 0 (a -inf logit or an underflow): 0 log 0 = 0, and the KL term's limit is Q
       Mask p_zero = eq(e, zero);
-      if (want_ent) acc_ent = acc_ent + select(p_zero, zero, p * (x - a_shift));
+      if (want_ent) acc_ent = acc_ent + select(p_zero, zero, p * ((x - ma_shift) - log_sa));
       if (two) {
         Vec y = load(b + j, c);
         y = scale ? y * it : y;
         Vec q = Vec::loadu(eb + j) * inv_sb;
         // P g(x) with d = -x: P (e^d - 1 - d) = Q - P - P d, or P d^2 series(d) for small |d|, where
         // Q - P - P d would lose the digits of a tiny KL (the series' value in the other lanes is not used)
-        Vec d = (y - x) - shift;
+        Vec d = per_side ? ((y - mb_shift) - log_sb) - ((x - ma_shift) - log_sa) : (y - x) - shift;
         Mask small = lt(d.abs(), half);
         Vec term = select(small, p * (d * d) * gap_series(d), q - at::vec::fmadd(p, d, p));
         acc_kl = acc_kl + select(p_zero, q, term);

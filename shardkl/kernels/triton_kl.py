@@ -302,22 +302,24 @@ def exp_gap(d: Tensor) -> Tensor:
     return out
 
 
-def stats(
+def kl_stats(
     a: Tensor,
     b: Tensor | None,
     *,
     temperature: float,
     dtype: torch.dtype,
     entropy: bool = True,
+    kl: bool = True,
     block: int | None = None,
 ) -> Tensor:
-    """Stats of a ``[rows, V_local]`` block in one launch (see :class:`shardkl.kernels.Kernels`).
+    """KL stats of a ``[rows, cols]`` block in one launch (see :func:`shardkl.kernels.eager.kl_stats`;
+    ``kl=False`` is not used yet by this kernel: the KL row is computed anyway).
 
     Args:
         block: column tile width (a power of two); default: autotuned on a GPU, ``DEFAULT_BLOCK`` interpreted.
     """
     if not _kernel_ok(a, dtype):
-        return eager.stats(a, b, temperature=temperature, dtype=dtype, entropy=entropy)
+        return eager.kl_stats(a, b, temperature=temperature, dtype=dtype, entropy=entropy, kl=kl)
     rows, cols = a.shape
     a = row_major(a)
     b = None if b is None else row_major(b)
@@ -328,7 +330,7 @@ def stats(
     return out
 
 
-def grads(
+def kl_grads(
     a: Tensor,
     b: Tensor | None,
     *,
@@ -339,13 +341,13 @@ def grads(
     grad_b: Tensor | None,
     block: int | None = None,
 ) -> None:
-    """Gradients of a ``[rows, V_local]`` block in one launch (see :class:`shardkl.kernels.Kernels`).
+    """KL gradients of a ``[rows, cols]`` block in one launch (see :func:`shardkl.kernels.eager.kl_grads`).
 
     Args:
         block: column tile width (a power of two); default: autotuned on a GPU, ``DEFAULT_BLOCK`` interpreted.
     """
     if not _kernel_ok(a, dtype):
-        eager.grads(a, b, temperature=temperature, dtype=dtype, inputs=inputs, grad_a=grad_a, grad_b=grad_b)
+        eager.kl_grads(a, b, temperature=temperature, dtype=dtype, inputs=inputs, grad_a=grad_a, grad_b=grad_b)
         return
     b, grad_b = drop_b_without_lse(b, grad_b, inputs)
     if grad_a is None and grad_b is None:
@@ -413,7 +415,10 @@ def kernels(device: torch.device) -> Kernels:
         raise ValueError("impl='triton' needs the `triton` package, which is not installed")
     if device.type != "cuda" and not _interpreted():
         raise ValueError(f"impl='triton' needs a CUDA device (or TRITON_INTERPRET=1 for testing on CPU), got {device}")
-    return Kernels("triton", stats, grads)
+    # the JSD and top-k entries are eager's until their Triton kernels exist
+    return Kernels(
+        "triton", kl_stats, kl_grads, eager.jsd_terms, eager.jsd_grads, eager.topk_stats, eager.topk_grads
+    )
 
 
-__all__ = ["CONFIGS", "DEFAULT_BLOCK", "exp_gap", "grads", "kernels", "stats"]
+__all__ = ["CONFIGS", "DEFAULT_BLOCK", "exp_gap", "kernels", "kl_grads", "kl_stats"]

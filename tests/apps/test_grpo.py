@@ -11,6 +11,7 @@ import torch.distributed as dist
 pytest.importorskip("transformers")
 
 import shardkl  # noqa: E402
+import shardkl.testing  # noqa: E402
 from shardkl.apps.grpo import (  # noqa: E402
     STEP_COLUMNS,
     StepResult,
@@ -47,7 +48,7 @@ def _check_parity(rank: int, world: int, config: TPConfig) -> None:
         one_batch = rollout(one_policy, config, step)
         for got, expected in zip(tp_batch, one_batch, strict=True):
             torch.testing.assert_close(got, expected, rtol=0, atol=0)  # same on-policy samples
-        with shardkl.count_collectives() as counter:
+        with shardkl.testing.count_collectives() as counter:
             got = grpo_step(tp_policy, tp_reference, tp_opt, config, tp_batch, step)
         # shardkl: forward of the loss and of the re-measured KL (one each, + one on the first uneven call);
         # the model: one all-reduce of dloss/dh in backward

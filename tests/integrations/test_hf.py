@@ -7,6 +7,7 @@ import torch
 
 import shardkl
 from shardkl.integrations.hf import linear_logits
+from shardkl.testing import count_collectives
 from tests._distributed import run_ranks
 
 transformers = pytest.importorskip("transformers")
@@ -69,7 +70,7 @@ def _check_tp(rank: int, world: int) -> None:
     assert isinstance(source.weight, DTensor) and isinstance(source.hidden, DTensor)
     with torch.no_grad():
         ref_source = linear_logits(reference, ids)[:, 3:-1]
-    with shardkl.count_collectives() as counter:
+    with count_collectives() as counter:
         stats = shardkl.kl_stats(source[:, 3:-1], ref_source, tokens)
     assert counter.total == 1
     loss = shardkl.reduce_tokens(stats.exact_kl + stats.k3, mask, reduction="token_mean")

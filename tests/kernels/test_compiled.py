@@ -18,8 +18,8 @@ def test_stats_match_eager(shape, dtype, temperature, two_inputs) -> None:
     a, b, _ = case(shape, dtype)
     a, b = edge_rows(a, b)
     bb = b if two_inputs else None
-    got = compiled.stats(a, bb, temperature=temperature, dtype=F32)
-    torch.testing.assert_close(got, eager.stats(a, bb, temperature=temperature, dtype=F32), rtol=1e-5, atol=1e-6,
+    got = compiled.kl_stats(a, bb, temperature=temperature, dtype=F32)
+    torch.testing.assert_close(got, eager.kl_stats(a, bb, temperature=temperature, dtype=F32), rtol=1e-5, atol=1e-6,
                                equal_nan=True)
     check_edge_rows(got, two_inputs)
 
@@ -27,9 +27,9 @@ def test_stats_match_eager(shape, dtype, temperature, two_inputs) -> None:
 def test_row_blocks_and_the_graph_without_entropy(monkeypatch) -> None:
     monkeypatch.setattr(compiled, "GRAPH_ELEMENTS", 3 * 1000)  # 3-row blocks and a 1-row tail
     a, b, _ = case((10, 1000), F32)
-    want = eager.stats(a, b, temperature=1.0, dtype=F32)
-    torch.testing.assert_close(compiled.stats(a, b, temperature=1.0, dtype=F32), want, rtol=1e-5, atol=1e-6)
-    got = compiled.stats(a, b, temperature=1.0, dtype=F32, entropy=False)
+    want = eager.kl_stats(a, b, temperature=1.0, dtype=F32)
+    torch.testing.assert_close(compiled.kl_stats(a, b, temperature=1.0, dtype=F32), want, rtol=1e-5, atol=1e-6)
+    got = compiled.kl_stats(a, b, temperature=1.0, dtype=F32, entropy=False)
     assert (got[_stats.ENT] == 0).all()
     rows = [_stats.LA, _stats.LB, _stats.KL]
     torch.testing.assert_close(got[rows], want[rows], rtol=1e-5, atol=1e-6)
@@ -37,9 +37,9 @@ def test_row_blocks_and_the_graph_without_entropy(monkeypatch) -> None:
 
 def test_float64_compute() -> None:
     a, b, _ = case((5, 400), torch.float64)
-    got = compiled.stats(a, b, temperature=0.7, dtype=torch.float64)
+    got = compiled.kl_stats(a, b, temperature=0.7, dtype=torch.float64)
     assert got.dtype == torch.float64
-    torch.testing.assert_close(got, eager.stats(a, b, temperature=0.7, dtype=torch.float64))
+    torch.testing.assert_close(got, eager.kl_stats(a, b, temperature=0.7, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(("present", "two_inputs"), [("kepqt", True), ("ept", False)])
@@ -48,9 +48,9 @@ def test_grads_match_eager(present, two_inputs) -> None:
     bb = b if two_inputs else None
     inputs = saved(a, bb, tokens, 0.7, present)
     got_a, got_b = torch.empty_like(a), torch.empty_like(b)
-    compiled.grads(a, bb, temperature=0.7, dtype=F32, inputs=inputs, grad_a=got_a, grad_b=got_b)
+    compiled.kl_grads(a, bb, temperature=0.7, dtype=F32, inputs=inputs, grad_a=got_a, grad_b=got_b)
     want_a, want_b = torch.empty_like(a), torch.empty_like(b)
-    eager.grads(a, bb, temperature=0.7, dtype=F32, inputs=inputs, grad_a=want_a, grad_b=want_b)
+    eager.kl_grads(a, bb, temperature=0.7, dtype=F32, inputs=inputs, grad_a=want_a, grad_b=want_b)
     torch.testing.assert_close(got_a, want_a, rtol=1e-5, atol=2e-7)
     if two_inputs:
         torch.testing.assert_close(got_b, want_b, rtol=1e-5, atol=2e-7)

@@ -33,8 +33,8 @@ def test_stats_match_eager(shape, dtype, temperature, two_inputs) -> None:
     if shape[0] >= 8:
         a, b = edge_rows(a, b)
     bb = b if two_inputs else None
-    got = cpu.stats(a, bb, temperature=temperature, dtype=F32)
-    want = eager.stats(a, bb, temperature=temperature, dtype=F32)
+    got = cpu.kl_stats(a, bb, temperature=temperature, dtype=F32)
+    want = eager.kl_stats(a, bb, temperature=temperature, dtype=F32)
     assert got.shape == want.shape == (4 if two_inputs else 2, shape[0]) and got.dtype == F32
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
     if shape[0] >= 8:
@@ -43,8 +43,8 @@ def test_stats_match_eager(shape, dtype, temperature, two_inputs) -> None:
 
 def test_entropy_off_keeps_the_other_rows_and_mixed_dtypes() -> None:
     a, b, _ = case((6, 500), BF16)
-    want = eager.stats(a, b.float(), temperature=1.0, dtype=F32)
-    got = cpu.stats(a, b.float(), temperature=1.0, dtype=F32, entropy=False)
+    want = eager.kl_stats(a, b.float(), temperature=1.0, dtype=F32)
+    got = cpu.kl_stats(a, b.float(), temperature=1.0, dtype=F32, entropy=False)
     rows = [_stats.LA, _stats.LB, _stats.KL]
     torch.testing.assert_close(got[rows], want[rows], rtol=1e-5, atol=1e-6)
 
@@ -52,25 +52,25 @@ def test_entropy_off_keeps_the_other_rows_and_mixed_dtypes() -> None:
 def test_views_threads_and_rows_are_independent() -> None:
     a, b, _ = case((40, 400), F32)
     view_a, view_b = a[1:37, 50:333], b[1:37, 50:333]  # row stride 400, 283 columns
-    want = eager.stats(view_a, view_b, temperature=1.0, dtype=F32)
-    torch.testing.assert_close(cpu.stats(view_a, view_b, temperature=1.0, dtype=F32), want, rtol=1e-5, atol=1e-6)
-    transposed = cpu.stats(a.t().contiguous().t(), b, temperature=1.0, dtype=F32)  # column stride != 1: copied
-    torch.testing.assert_close(transposed, cpu.stats(a, b, temperature=1.0, dtype=F32))
+    want = eager.kl_stats(view_a, view_b, temperature=1.0, dtype=F32)
+    torch.testing.assert_close(cpu.kl_stats(view_a, view_b, temperature=1.0, dtype=F32), want, rtol=1e-5, atol=1e-6)
+    transposed = cpu.kl_stats(a.t().contiguous().t(), b, temperature=1.0, dtype=F32)  # column stride != 1: copied
+    torch.testing.assert_close(transposed, cpu.kl_stats(a, b, temperature=1.0, dtype=F32))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = cpu.stats(a, b, temperature=1.0, dtype=F32)
+        one = cpu.kl_stats(a, b, temperature=1.0, dtype=F32)
     finally:
         torch.set_num_threads(threads)
     # rows are computed independently: the thread count changes nothing, not even a bit
-    assert torch.equal(one, cpu.stats(a, b, temperature=1.0, dtype=F32))
-    assert torch.equal(cpu.stats(a[:7], b[:7], temperature=1.0, dtype=F32), one[:, :7])
+    assert torch.equal(one, cpu.kl_stats(a, b, temperature=1.0, dtype=F32))
+    assert torch.equal(cpu.kl_stats(a[:7], b[:7], temperature=1.0, dtype=F32), one[:, :7])
 
 
 def test_float64_compute_is_rejected() -> None:
     a, b, _ = case((3, 40), F32)
     with pytest.raises(TypeError, match="compute in float32"):
-        cpu.stats(a, b, temperature=1.0, dtype=torch.float64)
+        cpu.kl_stats(a, b, temperature=1.0, dtype=torch.float64)
 
 
 @pytest.mark.parametrize(
@@ -90,10 +90,10 @@ def test_grads_match_eager(shape, dtype, temperature, present, two_inputs) -> No
     bb = b if two_inputs else None
     inputs = saved(a, bb, tokens, temperature, present)
     got_a, got_b = torch.empty_like(a), torch.empty_like(b)
-    cpu.grads(a, bb, temperature=temperature, dtype=F32, inputs=inputs, grad_a=got_a,
+    cpu.kl_grads(a, bb, temperature=temperature, dtype=F32, inputs=inputs, grad_a=got_a,
               grad_b=got_b if two_inputs else None)
     want_a, want_b = torch.empty_like(a), torch.empty_like(b)
-    eager.grads(a, bb, temperature=temperature, dtype=F32, inputs=inputs, grad_a=want_a, grad_b=want_b)
+    eager.kl_grads(a, bb, temperature=temperature, dtype=F32, inputs=inputs, grad_a=want_a, grad_b=want_b)
     tol = 1e-5 if dtype == F32 else 1e-2
     torch.testing.assert_close(got_a, want_a, rtol=tol, atol=tol * 0.02)
     if two_inputs:
@@ -104,7 +104,7 @@ def test_grads_of_padded_and_underflowing_columns_are_zero_and_finite() -> None:
     a, b, tokens = case((6, 300), F32)
     inputs = saved(a, b, tokens, 1.0, "kept")
     grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
-    cpu.grads(a, b, temperature=1.0, dtype=F32, inputs=inputs, grad_a=grad_a, grad_b=grad_b)
+    cpu.kl_grads(a, b, temperature=1.0, dtype=F32, inputs=inputs, grad_a=grad_a, grad_b=grad_b)
     assert torch.isfinite(grad_a).all() and torch.isfinite(grad_b).all()
     assert (grad_a[:, -3:] == 0).all() and (grad_b[:, -3:] == 0).all()
     assert grad_a[0, 5] == 0  # P underflows there: no gradient to a ...
@@ -124,8 +124,8 @@ def test_a_row_with_both_nan_and_inf_reports_nan() -> None:
     a, b, _ = case((4, 3000), F32)
     a[1, 7], a[1, 2000] = float("inf"), float("nan")
     b[2, 9], b[2, 10] = float("nan"), float("inf")
-    got = cpu.stats(a, b, temperature=1.0, dtype=F32)
-    want = eager.stats(a, b, temperature=1.0, dtype=F32)
+    got = cpu.kl_stats(a, b, temperature=1.0, dtype=F32)
+    want = eager.kl_stats(a, b, temperature=1.0, dtype=F32)
     assert got[_stats.LA, 1].isnan() and want[_stats.LA, 1].isnan()
     assert got[_stats.LB, 2].isnan() and want[_stats.LB, 2].isnan()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)

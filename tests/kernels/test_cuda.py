@@ -42,8 +42,8 @@ def test_triton_stats_match_eager(triton_kl, shape, dtype, temperature, two_inpu
     a, b, _ = case(shape, dtype)
     a, b = _on_cuda(*edge_rows(a, b))
     bb = b if two_inputs else None
-    got = triton_kl.stats(a, bb, temperature=temperature, dtype=F32, entropy=entropy)  # autotuned
-    want = eager.stats(a, bb, temperature=temperature, dtype=F32, entropy=entropy)
+    got = triton_kl.kl_stats(a, bb, temperature=temperature, dtype=F32, entropy=entropy)  # autotuned
+    want = eager.kl_stats(a, bb, temperature=temperature, dtype=F32, entropy=entropy)
     rows = [_stats.LA, _stats.ENT, _stats.LB, _stats.KL][: 4 if two_inputs else 2]
     if not entropy:
         rows.remove(_stats.ENT)
@@ -69,9 +69,9 @@ def test_triton_grads_match_eager(triton_kl, present, two_inputs, dtype) -> None
     a, b = _on_cuda(a, b)
     bb = b if two_inputs else None
     got_a, got_b = torch.empty_like(a), torch.empty_like(b)
-    triton_kl.grads(a, bb, temperature=0.7, dtype=F32, inputs=inputs, grad_a=got_a, grad_b=got_b)
+    triton_kl.kl_grads(a, bb, temperature=0.7, dtype=F32, inputs=inputs, grad_a=got_a, grad_b=got_b)
     want_a, want_b = torch.empty_like(a), torch.empty_like(b)
-    eager.grads(a, bb, temperature=0.7, dtype=F32, inputs=inputs, grad_a=want_a, grad_b=want_b)
+    eager.kl_grads(a, bb, temperature=0.7, dtype=F32, inputs=inputs, grad_a=want_a, grad_b=want_b)
     tol = 2e-5 if dtype == F32 else 1e-2
     torch.testing.assert_close(got_a, want_a, rtol=tol, atol=tol * 0.02)
     if two_inputs:

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 
 import shardkl  # noqa: E402
-from shardkl import _stats, kernels  # noqa: E402
+from shardkl import _dispatch, _stats  # noqa: E402
 from shardkl.kernels import eager, triton_kl  # noqa: E402
 
 if _previous is None:
@@ -84,8 +84,8 @@ def test_stats_match_eager(shape, dtype, temperature, block, two_inputs) -> None
     if shape[0] >= 8:
         a, b = edge_rows(a, b)
     bb = b if two_inputs else None
-    got = triton_kl.stats(a, bb, temperature=temperature, dtype=F32, block=block)
-    want = eager.stats(a, bb, temperature=temperature, dtype=F32)
+    got = triton_kl.kl_stats(a, bb, temperature=temperature, dtype=F32, block=block)
+    want = eager.kl_stats(a, bb, temperature=temperature, dtype=F32)
     assert got.shape == want.shape == (4 if two_inputs else 2, shape[0])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
     if shape[0] >= 8:
@@ -94,8 +94,8 @@ def test_stats_match_eager(shape, dtype, temperature, block, two_inputs) -> None
 
 def test_entropy_off_keeps_the_other_rows() -> None:
     a, b, _ = case((5, 700), F32)
-    want = eager.stats(a, b, temperature=1.0, dtype=F32)
-    got = triton_kl.stats(a, b, temperature=1.0, dtype=F32, entropy=False, block=128)
+    want = eager.kl_stats(a, b, temperature=1.0, dtype=F32)
+    got = triton_kl.kl_stats(a, b, temperature=1.0, dtype=F32, entropy=False, block=128)
     rows = [_stats.LA, _stats.LB, _stats.KL]
     torch.testing.assert_close(got[rows], want[rows], rtol=1e-5, atol=1e-6)
 
@@ -104,7 +104,7 @@ def test_tiles_merged_by_the_chain_rule_keep_a_tiny_kl() -> None:
     g = torch.Generator().manual_seed(1)
     a = torch.randn(4, 1000, generator=g, dtype=torch.float64) * 3
     b = a + 1e-3 * torch.randn(4, 1000, generator=g, dtype=torch.float64) + 3.0
-    got = triton_kl.stats(a.float(), b.float(), temperature=1.0, dtype=F32, block=128)[_stats.KL].double()
+    got = triton_kl.kl_stats(a.float(), b.float(), temperature=1.0, dtype=F32, block=128)[_stats.KL].double()
     a32, b32 = a.float().double(), b.float().double()
     want = (torch.softmax(a32, -1) * (torch.log_softmax(a32, -1) - torch.log_softmax(b32, -1))).sum(-1)
     assert (got > 0).all() and (want < 1e-5).all()  # KL ~ 5e-7: the textbook formula loses every digit here
@@ -115,7 +115,7 @@ def test_tiles_merged_by_the_chain_rule_keep_a_tiny_kl() -> None:
 def test_tiny_kl_meets_the_bound_at_a_152k_vocabulary(true_kl, eps, bound) -> None:
     a, b, want = tiny_kl_inputs(eps, tokens=4)
     # the smallest autotuned tile: the most merges per row
-    got = triton_kl.stats(a, b, temperature=1.0, dtype=F32, block=1024)[_stats.KL].double()
+    got = triton_kl.kl_stats(a, b, temperature=1.0, dtype=F32, block=1024)[_stats.KL].double()
     assert (got > 0).all()
     worst = ((got - want).abs() / want).max().item()
     assert worst < bound, f"worst relative error {worst:.2e} at KL {true_kl:g}"
@@ -123,21 +123,21 @@ def test_tiny_kl_meets_the_bound_at_a_152k_vocabulary(true_kl, eps, bound) -> No
 
 def test_identical_inputs_give_exactly_zero() -> None:
     a, _, _ = case((4, 900), F32)
-    assert (triton_kl.stats(a, a.clone(), temperature=0.7, dtype=F32, block=128)[_stats.KL] == 0).all()
+    assert (triton_kl.kl_stats(a, a.clone(), temperature=0.7, dtype=F32, block=128)[_stats.KL] == 0).all()
 
 
 def test_strided_views_and_fp64_fallback() -> None:
     a, b, _ = case((300, 6), F32)
     a, b = a.t(), b.t()  # column stride != 1: copied
-    torch.testing.assert_close(triton_kl.stats(a, b, temperature=0.7, dtype=F32),
-                               eager.stats(a, b, temperature=0.7, dtype=F32))
+    torch.testing.assert_close(triton_kl.kl_stats(a, b, temperature=0.7, dtype=F32),
+                               eager.kl_stats(a, b, temperature=0.7, dtype=F32))
     a, b, _ = case((5, 400), F32)
     view_a, view_b = a[1:4, 50:333], b[1:4, 50:333]  # row stride 400, 283 columns
-    torch.testing.assert_close(triton_kl.stats(view_a, view_b, temperature=1.0, dtype=F32, block=64),
-                               eager.stats(view_a, view_b, temperature=1.0, dtype=F32))
-    d = triton_kl.stats(a.double(), b.double(), temperature=1.0, dtype=torch.float64)
+    torch.testing.assert_close(triton_kl.kl_stats(view_a, view_b, temperature=1.0, dtype=F32, block=64),
+                               eager.kl_stats(view_a, view_b, temperature=1.0, dtype=F32))
+    d = triton_kl.kl_stats(a.double(), b.double(), temperature=1.0, dtype=torch.float64)
     assert d.dtype == torch.float64
-    torch.testing.assert_close(d, eager.stats(a.double(), b.double(), temperature=1.0, dtype=torch.float64))
+    torch.testing.assert_close(d, eager.kl_stats(a.double(), b.double(), temperature=1.0, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(
@@ -156,10 +156,10 @@ def test_grads_match_eager(shape, dtype, temperature, block, present, two_inputs
     bb = b if two_inputs else None
     inputs = saved(a, bb, tokens, temperature, present)
     got_a, got_b = torch.empty_like(a), torch.empty_like(b)
-    triton_kl.grads(a, bb, temperature=temperature, dtype=F32, inputs=inputs, grad_a=got_a,
+    triton_kl.kl_grads(a, bb, temperature=temperature, dtype=F32, inputs=inputs, grad_a=got_a,
                     grad_b=got_b if two_inputs else None, block=block)
     want_a, want_b = torch.empty_like(a), torch.empty_like(b)
-    eager.grads(a, bb, temperature=temperature, dtype=F32, inputs=inputs, grad_a=want_a, grad_b=want_b)
+    eager.kl_grads(a, bb, temperature=temperature, dtype=F32, inputs=inputs, grad_a=want_a, grad_b=want_b)
     tol = 1e-5 if dtype == F32 else 1e-2
     torch.testing.assert_close(got_a, want_a, rtol=tol, atol=tol * 0.02)
     if two_inputs:
@@ -173,7 +173,7 @@ def test_public_api_matches_eager(monkeypatch, shape, dtype, temperature) -> Non
 
 
 def test_triton_needs_cuda_or_the_interpreter(monkeypatch) -> None:
-    assert kernels.resolve("triton", torch.device("cpu"), F32, 10).name == "triton"
+    assert _dispatch.resolve("triton", torch.device("cpu"), F32).name == "triton"
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="needs a CUDA device"):
         triton_kl.kernels(torch.device("cpu"))
