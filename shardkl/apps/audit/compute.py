@@ -29,7 +29,6 @@ from torch import Tensor
 import shardkl
 from shardkl.apps.audit.models import ModelSide, hidden_states
 from shardkl.distributed import argmax_over_ranks
-from shardkl.kernels import AUTO_COMPILE_ELEMENTS
 from shardkl.layout import VocabLayout
 from shardkl.linear import LinearLogits, logits_tile
 
@@ -187,14 +186,6 @@ def token_block(tokens: int, hidden: int, vocab: int, copies: int = 1, *, min_ro
     return math.ceil(tokens / blocks)
 
 
-def min_block_rows(local_vocab: int, device: torch.device) -> int:
-    """The fewest rows of a call: :data:`MIN_BLOCK_ROWS`, and on the CPU enough that a call reaches the size from
-    which shardkl's ``impl="auto"`` runs its native kernels (smaller calls run the slower eager ones)."""
-    if device.type != "cpu":
-        return MIN_BLOCK_ROWS
-    return max(MIN_BLOCK_ROWS, math.ceil(AUTO_COMPILE_ELEMENTS / max(1, local_vocab)))
-
-
 @torch.no_grad()
 def score_positions(
     p: ModelSide,
@@ -226,8 +217,7 @@ def score_positions(
     vocab = layout.valid_vocab_size or layout.vocab_size or layout.local_size
     hidden = max(positions.hidden_p.shape[-1], positions.hidden_q.shape[-1])
     # the comparison mode materialises the whole batch's logits at once, as an audit without shardkl's sources would
-    least = min_block_rows(layout.local_size, positions.token.device)
-    block = n if materialise else token_block(n, hidden, vocab, estimators + 1, min_rows=least)
+    block = n if materialise else token_block(n, hidden, vocab, estimators + 1)
     parts = []
     for r0 in range(0, n, block):
         rows = slice(r0, min(n, r0 + block))
@@ -324,5 +314,5 @@ def _expand(source: LinearLogits | Tensor, copies: int) -> LinearLogits | Tensor
 
 __all__ = [
     "Positions", "ScoredBatch", "TILE_COLUMNS", "TILE_ELEMENTS", "run_trunks", "score_batch", "score_positions",
-    "min_block_rows", "token_block", "top1_ids",
+    "token_block", "top1_ids",
 ]
