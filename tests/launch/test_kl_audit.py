@@ -263,3 +263,18 @@ def test_ray_job_with_a_tensor_parallel_group(pair: dict[str, Path], baseline: d
     _assert_same_summary(baseline["summary"], {**summary, **paths})
     bad = _launch([*_bad_case(pair, tmp_path, "different vocabularies"), "--ray"])
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and BAD["different vocabularies"] in bad.stderr
+
+
+def test_the_benchmark_runs_both_ways_side_by_side(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = _launch(["--vocab", "3000", "--hidden", "64", "--windows", "2", "--context", "64", "--reps", "1",
+                    "--output", str(out)], script=str(ROOT / "launch" / "audit_bench.py"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {row["mode"]: row for row in result["rows"]}
+    assert set(rows) == {"from hidden states", "materialised logits"} and result["tokens"] == 126
+    # materialised: at least both models' logits of the batch; from hidden states: a fraction of one model's
+    assert rows["materialised logits"]["audit_part_extra_bytes"] >= 2 * result["one_model_logits_bytes"]
+    assert rows["from hidden states"]["audit_part_extra_bytes"] < rows["materialised logits"]["audit_part_extra_bytes"]
+    assert all(row["tokens_per_s"] > 0 and row["tokens_per_cpu_s"] > 0 for row in rows.values())
+    assert proc.stdout.splitlines()[1].split()[:2] == ["tokens/s", "tokens/CPU"]

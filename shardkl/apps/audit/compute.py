@@ -21,6 +21,7 @@ logits. Everything runs under ``torch.no_grad()``.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -219,11 +220,16 @@ def score_positions(
     # the comparison mode materialises the whole batch's logits at once, as an audit without shardkl's sources would
     block = n if materialise else token_block(n, hidden, vocab, estimators + 1)
     parts = []
-    for r0 in range(0, n, block):
-        rows = slice(r0, min(n, r0 + block))
-        parts.append(_score_rows(p, q, positions.token[rows], positions.hidden_p[rows], positions.hidden_q[rows],
-                                 layout=layout, estimators=estimators, seed=seed, stream=f"{stream}/rows{r0}",
-                                 materialise=materialise))
+    with warnings.catch_warnings():
+        # The engine gets hidden @ W of each model's own output layer, logits by construction: its warning that a row
+        # "looks like probabilities" can only be a false alarm here (a near-uniform row of a weakly trained model).
+        warnings.filterwarnings("ignore", message=r"shardkl: .* like probabilities")
+        for r0 in range(0, n, block):
+            rows = slice(r0, min(n, r0 + block))
+            parts.append(_score_rows(
+                p, q, positions.token[rows], positions.hidden_p[rows], positions.hidden_q[rows], layout=layout,
+                estimators=estimators, seed=seed, stream=f"{stream}/rows{r0}", materialise=materialise,
+            ))
     values = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
     return ScoredBatch(row=positions.row.cpu(), offset=positions.offset.cpu(), token=positions.token.cpu(), **values)
 
@@ -252,11 +258,14 @@ def _score_rows(
     stacked = tokens
     p_rows, q_rows = p_src, q_src
     if estimators:
+        # One all-gather of (max, id) per draw and position over the group: the same draws on every rank.
         drawn = shardkl.sample_tokens(p_src, seed=seed, layout=layout, num_samples=estimators, stream=stream)
         # the actual next tokens and the S draws in one call: S + 1 rows of tokens over the same positions
         stacked = torch.cat([tokens.unsqueeze(0), drawn.to(tokens.device)])
         p_rows, q_rows = _expand(p_src, estimators + 1), _expand(q_src, estimators + 1)
+    # One all-gather of a few floats per token over the group: KL(P||Q), P's entropy, both log-probs.
     forward = shardkl.kl_stats(p_rows, q_rows, stacked, layout=layout)
+    # One all-gather of a few floats per token over the group, roles exchanged: KL(Q||P) and Q's entropy.
     reverse = shardkl.kl_stats(q_src, p_src, layout=layout)
     assert forward.p_logprobs is not None and forward.q_logprobs is not None
 
@@ -267,6 +276,7 @@ def _score_rows(
         "kl_pq": first(forward.exact_kl), "kl_qp": reverse.exact_kl.cpu(),
         "logp_p": first(forward.p_logprobs), "logp_q": first(forward.q_logprobs),
         "entropy_p": first(forward.entropy), "entropy_q": reverse.entropy.cpu(),
+        # one all-gather each (inside top1_ids)
         "top1_p": top1_ids(p_src, layout).cpu(), "top1_q": top1_ids(q_src, layout).cpu(),
     }
     if estimators:
