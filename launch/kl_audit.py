@@ -35,6 +35,13 @@ def _say(message: str) -> None:
     print(f"[shardkl] {message}", file=sys.stderr, flush=True)
 
 
+def _error(message: str) -> None:
+    """``kl_audit.py: error: MESSAGE`` in one write: under torchrun every rank prints its line at the same moment,
+    and ``print`` (the text, then the newline) would let two ranks' lines run together."""
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str], *, on_shard: Any = None) -> int:
     """Run the launcher; ``on_shard`` is handed to every rank (the failure tests stop a worker with it)."""
     from shardkl.apps.audit.config import AuditConfig
@@ -55,30 +62,49 @@ def main(argv: list[str], *, on_shard: Any = None) -> int:
     from shardkl.apps.audit.plan import plan_audit, world_size_from_env
 
     quiet_transformers()
+    error: str | None = None
     try:
-        # every rank checks the same files the same way, before any process group: one line, exit 2, everywhere
+        # every rank checks the same files the same way, before anything is written
         plan = plan_audit(config, world_size=world_size_from_env())
     except AuditInputError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        error = str(exc)
+    if error is not None and world_size_from_env() == 1:
+        _error(error)
         return 2
     run = runtime.start("auto", timeout_s=config.timeout_s, threads=config.threads)
     set_collective_timeout(config.timeout_s)
+    if run.group is not None and _any_rank(error is not None, run):
+        # torchrun stops the other ranks as soon as one exits: every rank prints its line, then they leave together
+        _error(error or "another rank refused its input (see its line)")
+        runtime.finish(run)
+        return 2
     launcher = "torchrun" if run.world_size > 1 else "python"
     try:
         result = run_rank(plan, group=run.group, device=run.device, launcher=launcher, threads=run.threads,
                           on_shard=on_shard, say=_say)
     except AuditInputError as exc:  # weights that do not load: the same on every rank
+        _error(str(exc))
         runtime.finish(run, together=False)
-        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except CollectiveError as exc:  # a peer died or stalled
+        _error(str(exc))
         runtime.finish(run, together=False)
-        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         return 1
     runtime.finish(run)
     if result is not None:
         _print_result(config, result)
     return 0
+
+
+def _any_rank(flag: bool, run: Any) -> bool:
+    """Whether ``flag`` is set on any rank of the job."""
+    import torch
+
+    from shardkl.distributed import all_reduce_sum
+
+    # One all-reduce of a flag: the ranks agree on whether any input was refused.
+    flags = all_reduce_sum(torch.tensor([float(flag)], device=run.device), run.group, what="input checks")
+    return bool(flags.item() > 0)
 
 
 def _print_result(config: Any, result: Any) -> None:
@@ -110,7 +136,7 @@ def _main_ray(config: Any, on_shard: Any) -> int:
     try:
         plan = plan_audit(config, world_size=config.num_workers)
     except AuditInputError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        _error(str(exc))
         return 2
     import ray
 
@@ -139,7 +165,7 @@ def _main_ray(config: Any, on_shard: Any) -> int:
         with ray_driver_output(config.verbose, _say):
             ray.shutdown()
     if error is not None:
-        print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
+        _error(str(error))
         return 1
     _print_result(config, result)
     return 0
