@@ -1,8 +1,9 @@
 """Everything an audit checks and decides before any rank computes: :func:`plan_audit`.
 
-Every rank (and the Ray driver) runs it on the same files and gets the same plan, so a bad input is the same one-line
-:class:`~shardkl.apps.audit.corpus.AuditInputError` everywhere, before any process group exists, and nothing is
-written. The plan holds the tokenized corpus, its windows and shards, the real vocabulary size and the audit's
+Every rank (and the Ray driver) runs it on the same files, before any process group exists, and gets the same plan,
+so a bad input is the same one-line :class:`~shardkl.apps.audit.corpus.AuditInputError` everywhere and nothing is
+written (under torchrun the ranks then agree in one all-reduce that one refused, print their lines and exit 2
+together). The plan holds the tokenized corpus, its windows and shards, the real vocabulary size and the audit's
 identity (what ``OUT/audit.json`` records and ``--resume`` compares).
 """
 
