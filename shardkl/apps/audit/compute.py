@@ -152,6 +152,9 @@ def run_trunks(p: ModelSide, q: ModelSide, ids: Tensor, lengths: Tensor) -> Posi
         p, q: the two models.
         ids: ``[B, T]`` token ids of the windows, right-padded (any id) beyond each window's length.
         lengths: ``[B]`` tokens of each window (>= 2).
+
+    Returns:
+        :class:`Positions`: the ``N`` scored positions, window by window, with both models' hidden states there.
     """
     device = p.weight.device
     ids = ids.to(device)
@@ -181,6 +184,9 @@ def token_block(tokens: int, hidden: int, vocab: int, copies: int = 1, *, min_ro
         vocab: the real vocabulary size (all ranks together).
         copies: rows of tokens per position in the forward call (1 + draws).
         min_rows: the fewest rows of a block.
+
+    Returns:
+        Rows per call (the last block may hold fewer).
     """
     blocks = max(1, math.ceil(3 * hidden * copies / (TRANSIENT_SHARE * vocab)))
     blocks = max(1, min(blocks, tokens // max(1, min_rows)))

@@ -19,13 +19,16 @@ class AuditConfig:
     """audit (P is the reference: KL(P||Q) takes its expectation under P, and --estimators samples from P)"""
 
     p_model: str = ""
-    """Hugging Face model directory (from save_pretrained) of P, the reference; its tokenizer tokenizes the corpus"""
+    """(required) Hugging Face model directory (from save_pretrained) of P, the reference; its tokenizer tokenizes
+    the corpus"""
     q_model: str = ""
-    """Hugging Face model directory of Q, the model audited against P (same tokenizer, same real vocabulary)"""
+    """(required) Hugging Face model directory of Q, the model audited against P (same tokenizer, same real
+    vocabulary)"""
     data: str = ""
-    """corpus: a .jsonl or .parquet file (text in --text_key), or any other file as text, one document per line"""
+    """(required) corpus: a .jsonl or .parquet file (text in --text_key), or any other file as text, one document
+    per line"""
     out: str = ""
-    """output folder: tokens/*.parquet (per token), summary.json, report.txt, plots (*.png)"""
+    """(required) output folder: tokens/*.parquet (per token), summary.json, report.txt, plots (*.png)"""
     tp: int = 1
     """ranks per tensor-parallel group: the vocabulary is split over them; the corpus over world_size / tp groups"""
     ray: bool = False

@@ -35,7 +35,14 @@ class AuditInputError(ValueError):
 
 
 def data_format(path: str | Path) -> DataFormat:
-    """``"jsonl"`` for ``.jsonl``/``.ndjson``, ``"parquet"`` for ``.parquet``/``.pq``, else ``"text"``."""
+    """The format of a corpus file, by its suffix.
+
+    Args:
+        path: the corpus file.
+
+    Returns:
+        ``"jsonl"`` for ``.jsonl``/``.ndjson``, ``"parquet"`` for ``.parquet``/``.pq``, else ``"text"``.
+    """
     suffix = Path(path).suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
@@ -169,7 +176,16 @@ class Corpus:
 
 
 def tokenize(documents: Sequence[str], tokenizer: Any, *, batch: int = 1024) -> Corpus:
-    """Tokenize ``documents`` with a Hugging Face tokenizer (its special tokens included), ``batch`` at a time."""
+    """Tokenize every document as the tokenizer does by default (its special tokens included).
+
+    Args:
+        documents: the texts, in document order.
+        tokenizer: a Hugging Face tokenizer (P's).
+        batch: documents per call of the tokenizer.
+
+    Returns:
+        :class:`Corpus`: all tokens, flat, with per-document offsets.
+    """
     parts: list[np.ndarray] = []
     lengths = np.zeros(len(documents), dtype=np.int64)
     for first in range(0, len(documents), batch):
@@ -232,17 +248,43 @@ def make_windows(lengths: np.ndarray, context: int) -> Windows:
 
 
 def shard_count(windows: int, shard_windows: int) -> int:
-    """Number of shards of ``shard_windows`` windows (the last may hold fewer)."""
+    """Number of shards of ``shard_windows`` windows each (the last may hold fewer).
+
+    Args:
+        windows: windows of the corpus.
+        shard_windows: windows per shard.
+
+    Returns:
+        ``ceil(windows / shard_windows)``.
+    """
     return -(-windows // shard_windows)
 
 
 def shard_slice(shard: int, windows: int, shard_windows: int) -> slice:
-    """The windows of shard ``shard``."""
+    """The windows of one shard.
+
+    Args:
+        shard: the shard's index.
+        windows: windows of the corpus.
+        shard_windows: windows per shard.
+
+    Returns:
+        The slice of window indices.
+    """
     return slice(shard * shard_windows, min((shard + 1) * shard_windows, windows))
 
 
 def shards_of_group(shards: int, group: int, groups: int) -> list[int]:
-    """The shards that data-parallel group ``group`` of ``groups`` computes: round-robin."""
+    """The shards one data-parallel group computes: round-robin.
+
+    Args:
+        shards: number of shards to deal.
+        group: the group's index.
+        groups: number of groups.
+
+    Returns:
+        ``[group, group + groups, ...]``.
+    """
     return list(range(group, shards, groups))
 
 

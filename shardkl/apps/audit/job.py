@@ -56,10 +56,17 @@ def _barrier(group: ProcessGroup | None) -> None:
 
 
 def make_tp_group(group: ProcessGroup | None, tp: int) -> tuple[ProcessGroup | None, int]:
-    """This rank's tensor-parallel group (``None`` for ``tp == 1``) and the index of its data-parallel group.
+    """This rank's tensor-parallel group and the index of its data-parallel group.
 
     Every rank creates every tensor-parallel group, in the same order (``new_group`` is a collective of the whole
     world). Data-parallel groups need no process group of their own: they share only the disk.
+
+    Args:
+        group: the world's process group (``None``: one process).
+        tp: ranks per tensor-parallel group (divides the world size).
+
+    Returns:
+        ``(tensor-parallel group or None for tp == 1, index of this rank's data-parallel group)``.
     """
     rank, world = rank_and_size(group)
     if tp == 1:
@@ -217,7 +224,11 @@ def run_rank(
 
 
 def versions() -> dict[str, str]:
-    """The versions an audit ran with."""
+    """The versions an audit ran with.
+
+    Returns:
+        ``{"shardkl": ..., "torch": ..., "transformers": ..., "numpy": ..., "python": ..., "pyarrow": ...}``.
+    """
     import transformers
 
     out = {"shardkl": shardkl.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -234,6 +245,13 @@ def versions() -> dict[str, str]:
 def finish_audit(plan: AuditPlan, run: dict[str, Any]) -> AuditResult:
     """Rank 0, once every shard is on disk: the summary from all shard files, ``summary.json``, ``report.txt``
     and the plots.
+
+    Args:
+        plan: the audit's plan.
+        run: how this run went (``summary.json``'s ``run``).
+
+    Returns:
+        :class:`AuditResult`.
 
     Raises:
         RuntimeError: a shard file is missing (the job did not finish).

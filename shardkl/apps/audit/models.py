@@ -187,6 +187,13 @@ def inspect_pair(
 ) -> tuple[ModelInfo, ModelInfo, Any, int]:
     """Check both models (see the module docstring) before any work.
 
+    Args:
+        p_model: P's directory.
+        q_model: Q's directory.
+        trust_remote_code: passed to transformers.
+        context: the window length.
+        tp: ranks per tensor-parallel group.
+
     Returns:
         ``(p_info, q_info, tokenizer, vocab_size)``: P's tokenizer and its number of ids (the real vocabulary; output
         rows beyond it are padding).
@@ -212,8 +219,18 @@ def inspect_pair(
 
 
 def load_mode(p_info: ModelInfo, q_info: ModelInfo, *, trunk: str, tp: int, groups: int) -> LoadMode:
-    """``"tensor_parallel"`` when ``trunk`` is ``"auto"``, ``tp > 1``, one tensor-parallel group spans every rank,
-    and both models have a transformers plan and the same number of output rows; else ``"replicated"``."""
+    """How the models are loaded (see the module docstring).
+
+    Args:
+        p_info, q_info: from :func:`inspect_model`.
+        trunk: the ``trunk`` key (``"auto"`` or ``"replicated"``).
+        tp: ranks per tensor-parallel group.
+        groups: number of data-parallel groups.
+
+    Returns:
+        ``"tensor_parallel"`` when ``trunk`` is ``"auto"``, ``tp > 1``, one tensor-parallel group spans every rank,
+        and both models have a transformers plan and the same number of output rows; else ``"replicated"``.
+    """
     if trunk != "auto" or tp <= 1 or groups != 1:
         return "replicated"
     if p_info.tp_plan and q_info.tp_plan and p_info.rows == q_info.rows:
@@ -262,6 +279,9 @@ def load_side(
         device: where the model runs.
         trust_remote_code: passed to transformers.
 
+    Returns:
+        :class:`ModelSide`.
+
     Raises:
         AuditInputError: the weights do not load (one line).
     """
@@ -304,15 +324,31 @@ def _tp_kwargs() -> dict[str, Any]:
 
 
 def tp_layout(side: ModelSide, vocab_size: int) -> VocabLayout:
-    """This rank's slice of a tensor-parallel output layer (``torch.chunk``'s split of its rows, padding dropped by
-    ``valid_vocab_size``) and the process group it is split over."""
+    """This rank's slice of an output layer that transformers loaded tensor-parallel.
+
+    Args:
+        side: a model loaded with ``mode="tensor_parallel"``.
+        vocab_size: the real vocabulary (rows beyond it are padding).
+
+    Returns:
+        ``torch.chunk``'s split of the layer's rows over its mesh's process group, padding dropped by
+        ``valid_vocab_size``.
+    """
     weight = side.model.get_output_embeddings().weight
     group = weight.device_mesh.get_group()
     return VocabLayout.chunked(int(weight.shape[0]), group, valid_vocab_size=vocab_size)
 
 
 def hidden_states(side: ModelSide, ids: Tensor) -> Tensor:
-    """``[B, T, H]`` last hidden states (after the final norm) of ``ids``, a plain tensor on this rank."""
+    """The trunk's output for a batch.
+
+    Args:
+        side: the model.
+        ids: ``[B, T]`` token ids.
+
+    Returns:
+        ``[B, T, H]`` last hidden states (after the final norm), a plain tensor on this rank.
+    """
     return _local(linear_logits(side.model, ids).hidden)
 
 

@@ -92,7 +92,11 @@ class AuditPlan:
 
 
 def world_size_from_env() -> int:
-    """``WORLD_SIZE`` under torchrun, else 1."""
+    """The number of ranks of this job.
+
+    Returns:
+        ``WORLD_SIZE`` under torchrun, else 1.
+    """
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 

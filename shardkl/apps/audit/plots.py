@@ -34,7 +34,13 @@ def _figure(rows: int = 1, height: float = 4.2) -> Any:
 
 
 def histogram(path: Path, columns: Mapping[str, np.ndarray], tokens: int) -> None:
-    """``kl_histogram.png``: per-token KL of both directions, log-spaced bins on a log axis."""
+    """``kl_histogram.png``: per-token KL of both directions, log-spaced bins on a log axis.
+
+    Args:
+        path: the PNG to write.
+        columns: ``kl_pq`` and ``kl_qp`` of every scored token.
+        tokens: scored tokens, for the title.
+    """
     fig = _figure()
     ax = fig.add_subplot()
     positive = [np.asarray(columns[k], dtype=np.float64) for k in ("kl_pq", "kl_qp")]
@@ -66,7 +72,13 @@ def histogram(path: Path, columns: Mapping[str, np.ndarray], tokens: int) -> Non
 
 
 def by_position(path: Path, columns: Mapping[str, np.ndarray], context: int) -> None:
-    """``kl_by_position.png``: mean KL per position in the window, and tokens per position."""
+    """``kl_by_position.png``: mean KL per position in the window, and tokens per position.
+
+    Args:
+        path: the PNG to write.
+        columns: ``pos``, ``kl_pq`` and ``kl_qp`` of every scored token.
+        context: the window length (a token's position in its window is ``pos % (context - 1)``).
+    """
     position = np.asarray(columns["pos"]) % (context - 1)
     last = int(position.max()) + 1
     # at most 64 groups of positions, each 1, 2 or 5 x 10^k positions wide
@@ -101,7 +113,13 @@ def by_position(path: Path, columns: Mapping[str, np.ndarray], context: int) -> 
 
 
 def estimators(path: Path, columns: Mapping[str, np.ndarray], summary: Mapping[str, Any]) -> None:
-    """``estimators.png``: k1, k2, k3 (mean over each group's draws) against the exact KL(P‖Q) of the group."""
+    """``estimators.png``: k1, k2, k3 (mean over each group's draws) against the exact KL(P‖Q) of the group.
+
+    Args:
+        path: the PNG to write.
+        columns: ``kl_pq`` and ``k1``/``k2``/``k3`` (``[tokens, draws]``) of every scored token.
+        summary: the summary (its ``estimators``, for the legend).
+    """
     exact = np.asarray(columns["kl_pq"], dtype=np.float64)
     order = np.argsort(exact, kind="stable")
     parts = np.array_split(order, min(12, max(1, exact.size // 20)))
@@ -137,7 +155,17 @@ def estimators(path: Path, columns: Mapping[str, np.ndarray], summary: Mapping[s
 
 def write_plots(out: str | Path, columns: Mapping[str, np.ndarray], *, context: int,
                 summary: Mapping[str, Any]) -> list[Path]:
-    """Write the plots of an audit into ``out``; returns their paths."""
+    """Write the plots of an audit.
+
+    Args:
+        out: the output folder.
+        columns: the per-token columns of every shard.
+        context: the window length.
+        summary: the summary.
+
+    Returns:
+        The paths written.
+    """
     folder = Path(out)
     written = [folder / HISTOGRAM, folder / BY_POSITION]
     histogram(written[0], columns, int(summary["tokens"]))

@@ -183,7 +183,15 @@ class RayDriverOutput(io.TextIOBase):
 
 @contextlib.contextmanager
 def ray_driver_output(verbose: bool, say: Callable[[str], None]) -> Iterator[None]:
-    """Route what Ray prints on the driver's stdout through :class:`RayDriverOutput` while the job runs."""
+    """Route what Ray prints on the driver's stdout through :class:`RayDriverOutput` while the job runs.
+
+    Args:
+        verbose: forward Ray's lines to stderr as they are.
+        say: where the launcher's own line goes.
+
+    Returns:
+        A context manager.
+    """
     sink = RayDriverOutput(verbose, say)
     with contextlib.redirect_stdout(sink):
         try:
@@ -193,7 +201,11 @@ def ray_driver_output(verbose: bool, say: Callable[[str], None]) -> Iterator[Non
 
 
 def prepare_out(plan: AuditPlan) -> None:
-    """The driver's part before the workers start: ``OUT/audit.json`` and no stale temporary files."""
+    """The driver's part before the workers start: ``OUT/audit.json`` and no stale temporary files.
+
+    Args:
+        plan: the audit's plan, from the driver's :func:`shardkl.apps.audit.plan.plan_audit`.
+    """
     store.write_identity(plan.config.out, plan.identity)
     store.remove_temporaries(plan.config.out)
 

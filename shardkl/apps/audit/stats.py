@@ -112,6 +112,10 @@ def summarise(columns: Mapping[str, np.ndarray]) -> dict[str, Any]:
 def estimator_stats(columns: Mapping[str, np.ndarray], *, exact_kl: float) -> dict[str, Any]:
     """Schulman's k1, k2, k3 over every draw against the exact mean KL(P‖Q) of the same positions.
 
+    Args:
+        columns: ``k1``, ``k2``, ``k3``, each ``[tokens, draws]``.
+        exact_kl: the mean exact KL(P‖Q) over the same tokens.
+
     Returns:
         ``{"samples": S, "draws": tokens x S, "k1": {mean, bias, std, stderr, rel_bias}, ...}``; ``bias`` is the
         estimator's mean minus ``exact_kl``, ``rel_bias`` is ``|bias| / exact_kl`` (``None`` when the KL is 0).
@@ -143,7 +147,14 @@ def _percent(value: float | None, digits: int = 2) -> str:
 
 
 def format_report(summary: Mapping[str, Any]) -> str:
-    """``report.txt``: the summary as one reads it, both KL directions side by side, then what they mean."""
+    """``report.txt``: the summary as one reads it, both KL directions side by side, then what they mean.
+
+    Args:
+        summary: ``summary.json``'s content.
+
+    Returns:
+        The report, ending in a newline.
+    """
     p_dtype, q_dtype = summary.get("p_dtype", "?"), summary.get("q_dtype", "?")
     lines = [
         f"shardkl KL audit: {summary['tokens']:,} tokens scored in {summary['documents']:,} documents "

@@ -36,12 +36,27 @@ _TEMPORARY = re.compile(r"\.shard-\d{6,}\.parquet\.[0-9a-f]+\.tmp")
 
 
 def shard_path(out: str | Path, shard: int) -> Path:
-    """``OUT/tokens/shard-SSSSSS.parquet``."""
+    """Where a shard's file lives.
+
+    Args:
+        out: the audit's output folder.
+        shard: the shard's index.
+
+    Returns:
+        ``OUT/tokens/shard-SSSSSS.parquet``.
+    """
     return Path(out) / TOKENS_DIR / f"shard-{shard:06d}.parquet"
 
 
 def shards_on_disk(out: str | Path) -> set[int]:
-    """The shards whose file exists (complete, by construction)."""
+    """The shards whose file exists (complete, by construction).
+
+    Args:
+        out: the audit's output folder.
+
+    Returns:
+        Their indices.
+    """
     folder = Path(out) / TOKENS_DIR
     if not folder.is_dir():
         return set()
@@ -49,8 +64,14 @@ def shards_on_disk(out: str | Path) -> set[int]:
 
 
 def remove_temporaries(out: str | Path) -> int:
-    """Delete the temporary files of writers that were stopped mid-write; returns how many. Call it only while no
-    rank writes (before the ranks start)."""
+    """Delete the temporary files of writers that were stopped mid-write. Call it only while no rank writes.
+
+    Args:
+        out: the audit's output folder.
+
+    Returns:
+        How many were deleted.
+    """
     folder = Path(out) / TOKENS_DIR
     if not folder.is_dir():
         return 0
@@ -102,6 +123,11 @@ def write_shard(
 def read_columns(out: str | Path, shards: Sequence[int], names: Sequence[str]) -> dict[str, np.ndarray]:
     """Columns of the given shards' files, concatenated in shard order.
 
+    Args:
+        out: the audit's output folder.
+        shards: the shards to read, in order.
+        names: the columns to read.
+
     Returns:
         ``{name: array}``; estimator columns come back as ``[tokens, samples]`` float arrays.
     """
@@ -128,6 +154,11 @@ def check_identity(out: str | Path, identity: Mapping[str, Any], *, resume: bool
     Without ``resume``, ``out`` must hold no shard file yet (an identity alone, left by a run that failed before its
     first shard, is replaced). With it, an audit there must have the same identity (an empty or missing folder
     simply starts one).
+
+    Args:
+        out: the output folder.
+        identity: the audit's identity (:attr:`shardkl.apps.audit.plan.AuditPlan.identity`).
+        resume: the ``--resume`` key.
 
     Raises:
         AuditInputError: one line naming the folder and, on a mismatch, the first differing key with both values.
@@ -160,14 +191,27 @@ def check_identity(out: str | Path, identity: Mapping[str, Any], *, resume: bool
 
 
 def write_identity(out: str | Path, identity: Mapping[str, Any]) -> None:
-    """Create ``OUT/tokens/`` and write ``OUT/audit.json`` (atomically)."""
+    """Create ``OUT/tokens/`` and write ``OUT/audit.json`` (atomically).
+
+    Args:
+        out: the output folder.
+        identity: what the audit is.
+    """
     folder = Path(out)
     (folder / TOKENS_DIR).mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / IDENTITY_FILE, identity)
 
 
 def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> Path:
-    """Write indented JSON through a temporary file and ``os.replace``."""
+    """Write indented JSON through a temporary file and ``os.replace``.
+
+    Args:
+        path: the file.
+        payload: JSON-able values.
+
+    Returns:
+        The path.
+    """
     target = Path(path)
     temporary = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
     try:
