@@ -15,12 +15,12 @@ from shardkl.bench import fused, measure, report
 DESCRIPTION = """\
 Time shardkl against the read-once floor and the usual baselines, side by side in one run.
 
-The default run (CPU) takes about two minutes on a 2-core machine and peaks at about 3 GB of memory: the
-headline point (2048 tokens x 32,000 vocabulary, float32, one rank, every method, forward and forward+backward,
-with shardkl.jsd and shardkl.topk_kl next to exact_kl: see --divergences), a vocabulary sweep at 256 tokens
-(float32 and bfloat16), and the same sweep on two gloo ranks. shardkl[auto] is the default call (no options),
-measured next to naive PyTorch (log_softmax x2 + kl_div) and the other implementations. Each world size runs in
-fresh processes.
+The default run (CPU) takes about two minutes on a quiet 2-core machine (half an hour with four other jobs on
+its cores) and peaks at about 3 GB of memory: the headline point (2048 tokens x 32,000 vocabulary, float32, one
+rank, every method, forward and forward+backward, with shardkl.jsd and shardkl.topk_kl next to exact_kl: see
+--divergences), a vocabulary sweep at 256 tokens (float32 and bfloat16), and the same sweep on two gloo ranks.
+shardkl[auto] is the default call (no options), measured next to naive PyTorch (log_softmax x2 + kl_div) and the
+other implementations. Each world size runs in fresh processes.
 
 Each run writes into a new folder OUT/RUN-ID/ and never touches an earlier run's: rows are appended to its
 results.jsonl as each point finishes (a progress bar on stderr); the table and a summary (also in table.txt) and
