@@ -1,19 +1,30 @@
-// shardkl's CPU kernels: the per-token stats (forward) and the logit gradients (backward) of one [rows, cols]
-// block of raw logits, for shardkl/kernels/cpu.py.
+// shardkl's CPU kernels: the forward and backward of every op (KL stats, generalised JSD, top-k buckets) on one
+// [rows, cols] block of raw logits, for shardkl/kernels/cpu.py.
 //
 // Built on first use by the C++ toolchain torch.compile uses on CPU (torch._inductor's code cache: the same
 // compiler flags, the same at::vec vector types for AVX2 / AVX-512 / NEON / ..., OpenMP), once per pair of input
-// dtypes: SHARDKL_TA / SHARDKL_TB are float, at::BFloat16 or at::Half; everything is computed in fp32.
+// dtypes: SHARDKL_TA / SHARDKL_TB are float, at::BFloat16 or at::Half; everything is computed in fp32. One entry
+// point, `kernel`, whose `mode` argument picks the op and the pass; rows run in parallel in one OpenMP region.
 //
-// Forward, per row (rows in parallel), per leaf of at most SHARDKL_MAX_CHUNK columns (the eager tiling's vocabulary
-// chunk), three passes, the last two over data already in cache:
+// KL forward, per row, per leaf of at most SHARDKL_MAX_CHUNK columns (the eager tiling's vocabulary chunk), three
+// passes, the last two over data already in cache:
 //   1. the maxima of a and b (from cache: the row was prefetched during pass 2 of the previous row);
 //   2. ea = exp(a - max_a), eb = exp(b - max_b) into a per-thread scratch row, and their sums;
 //   3. the KL terms in g-form from ea, eb, and the entropy terms: no transcendental at all.
-// Two exponentials per pair of logits; leaves of a longer row are merged with the stats monoid in double.
-// Backward: one pass per row, P and Q recomputed from the saved log-sum-exps (two exponentials per pair).
+// Two exponentials per pair of logits; leaves of a longer row are merged with the stats monoid in double. Only the
+// log-sum-exps wanted (JSD's first round): passes 1 and 2, nothing stored.
+// KL backward: one pass per row, P and Q recomputed from the saved log-sum-exps (two exponentials per pair).
+//
+// JSD terms (the second round, with the global log-sum-exps known): one pass per row, two exponentials per pair
+// (P, Q) and, where |log P - log Q| >= 1/2, two log1p; below, Taylor polynomials in d = log P - log Q whose
+// coefficients depend on beta (computed once per call). JSD backward: the same per pair, then one store per side.
+// Top-k stats: per leaf, the max; exp into the scratch row; the teacher's ids zeroed there and the rest summed, so
+// the tail's log-sum-exp is a sum, never a difference; a tail that underflows against the row's max is summed again
+// around its own. Top-k backward: one exponential per logit, then the K id columns overwritten.
+//
 // The formulas, and the handling of -inf, NaN and +inf, are those of shardkl/_stats.py (leaf_stats, merge_stats,
-// chunk_grads); the comments there explain them.
+// chunk_grads) and shardkl/_divergences.py (jsd_tile_terms, jsd_tile_grads, topk_tile_stats, topk_tile_grads);
+// the comments there explain them.
 
 #include <torch/csrc/inductor/cpp_prefix.h>
 #include <ATen/cpu/vec/functional.h>
@@ -34,17 +45,22 @@ using Vec = at::vec::Vectorized<float>;
 using IVec = at::vec::Vectorized<int32_t>;
 constexpr int64_t W = Vec::size();
 constexpr float INF = std::numeric_limits<float>::infinity();
+constexpr float NaN = std::numeric_limits<float>::quiet_NaN();
 constexpr int64_t MAX_CHUNK = SHARDKL_MAX_CHUNK;
 // elements summed in fp32 before the partial sum is added in double (error ~ BLOCK / W ulp, not sqrt(cols) ulp)
 constexpr int64_t BLOCK = 512;
 static_assert(BLOCK % 64 == 0, "BLOCK must be a multiple of every vector width");
 
-// Row vectors of the backward, rows of the [8, rows] `vecs` argument.
+// What `kernel` computes (cpu.py's _MODE_*).
+enum Mode : int64_t { KL_STATS = 0, KL_GRADS = 1, JSD_TERMS = 2, JSD_GRADS = 3, TOPK_STATS = 4, TOPK_GRADS = 5 };
+// Row vectors of the KL backward, rows of the [8, rows] `vecs` argument.
 enum { LSE_A, LSE_B, KL, ENT, GRAD_KL, GRAD_ENT, GRAD_LOGP, GRAD_LOGQ };
+// Row vectors of the JSD passes: [2, rows] (terms) or [5, rows] (grads).
+enum { J_LSE_A, J_LSE_B, J_KL_PM, J_KL_QM, J_GRAD };
 // Bits of `flags`.
 enum : int64_t {
-  BACKWARD = 1, TWO = 2, WANT_ENT = 4, SCALE = 8, HAS_GRAD_KL = 16, HAS_GRAD_ENT = 32, HAS_GRAD_LOGP = 64,
-  HAS_GRAD_LOGQ = 128, WRITE_A = 256, WRITE_B = 512,
+  TWO = 2, WANT_ENT = 4, SCALE = 8, HAS_GRAD_KL = 16, HAS_GRAD_ENT = 32, HAS_GRAD_LOGP = 64, HAS_GRAD_LOGQ = 128,
+  WRITE_A = 256, WRITE_B = 512, WANT_KL = 1024,
 };
 
 // Lane masks and selects. at::vec's comparisons return vectors of all-ones lanes and its blendv compares them back
@@ -60,6 +76,8 @@ inline Vec select(Mask m, const Vec& if_true, const Vec& if_false) {
 }
 // the larger of x and y, or y where either is NaN
 inline Vec max_or_second(const Vec& x, const Vec& y) { return _mm512_max_ps(x, y); }
+inline bool all_of(Mask m) { return m == static_cast<Mask>(0xFFFF); }
+inline bool any_of(Mask m) { return m != 0; }
 #else
 using Mask = Vec;
 inline Mask lt(const Vec& x, const Vec& y) { return x < y; }
@@ -67,7 +85,21 @@ inline Mask gt(const Vec& x, const Vec& y) { return x > y; }
 inline Mask eq(const Vec& x, const Vec& y) { return x == y; }
 inline Vec select(const Mask& m, const Vec& if_true, const Vec& if_false) { return Vec::blendv(if_false, if_true, m); }
 inline Vec max_or_second(const Vec& x, const Vec& y) { return select(gt(x, y), x, y); }
+// a true lane is all ones (a NaN), a false one +0.0: zero_mask() has a bit set for each false lane
+inline bool all_of(const Mask& m) { return m.zero_mask() == 0; }
+inline bool any_of(const Mask& m) { return m.zero_mask() != (1 << W) - 1; }
 #endif
+
+// the bits of a float vector as int32 lanes
+inline IVec as_int(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_castps_si512(x);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_castps_si256(x);
+#else
+  return at::vec::cast<int32_t>(x);
+#endif
+}
 
 // n <= W elements of p as fp32; the lanes past n are -inf (no mass)
 template <typename T>
@@ -111,6 +143,33 @@ inline Vec exp_(const Vec& x) {
   return select(under, Vec(0.0f), y * at::vec::cast<float>(bits));
 }
 
+// log1p(z) and z - log1p(z) (>= 0) for z > -1 finite, both to a few ulp of their own size (other lanes: anything).
+// u = 1 + z = 2^e m with m in [sqrt(1/2), sqrt(2)); log1p(z) = e ln2 + log1p(f), f = m - 1, and log1p(f) =
+// f - f^2 (1/2 - f P(f)) with Cephes' logf polynomial P on that range. Where e = 0 (z in [-0.29, 0.41]) f is z itself
+// (m - 1 would carry the rounding of 1 + z), so that log1p of a tiny z keeps its digits and z - log1p(z) =
+// f^2 (1/2 - f P(f)) has nothing to cancel; elsewhere z - log1p(z) >= 0.05 is a difference of numbers >= 0.29.
+inline void log1p_(const Vec& z, Vec& log1p_z, Vec& gap) {
+  const IVec sqrt_half_bits(0x3f3504f3);
+  const IVec ix = as_int(z + Vec(1.0f)) - sqrt_half_bits;
+  const Vec e = at::vec::convert_to_fp_of_same_size<float>(ix >> IVec(23));
+  const Vec m = at::vec::cast<float>((ix & IVec(0x007fffff)) + sqrt_half_bits);
+  const Mask unit = eq(e, Vec(0.0f));
+  const Vec f = select(unit, z, m - Vec(1.0f));
+  Vec p = at::vec::fmadd(Vec(7.0376836292e-2f), f, Vec(-1.1514610310e-1f));
+  p = at::vec::fmadd(p, f, Vec(1.1676998740e-1f));
+  p = at::vec::fmadd(p, f, Vec(-1.2420140846e-1f));
+  p = at::vec::fmadd(p, f, Vec(1.4249322787e-1f));
+  p = at::vec::fmadd(p, f, Vec(-1.6668057665e-1f));
+  p = at::vec::fmadd(p, f, Vec(2.0000714765e-1f));
+  p = at::vec::fmadd(p, f, Vec(-2.4999993993e-1f));
+  p = at::vec::fmadd(p, f, Vec(3.3333331174e-1f));
+  // f - log1p(f) = f^2 (1/2 - f P(f)), no cancellation
+  const Vec gap_f = (f * f) * at::vec::fnmadd(f, p, Vec(0.5f));
+  // e ln2 in two parts (Cody-Waite), so that e ln2 + log1p(f) rounds once
+  log1p_z = at::vec::fmadd(e, Vec(0.693359375f), at::vec::fmadd(e, Vec(-2.12194440e-4f), f - gap_f));
+  gap = select(unit, gap_f, z - log1p_z);
+}
+
 // (exp(d) - 1 - d) / d^2 for |d| < 0.5: its Taylor series to d^6 (truncation < 5e-8 relative)
 inline Vec gap_series(const Vec& d) {
   Vec s = at::vec::fmadd(Vec(1.0f / 40320), d, Vec(1.0f / 5040));
@@ -119,6 +178,14 @@ inline Vec gap_series(const Vec& d) {
   s = at::vec::fmadd(s, d, Vec(1.0f / 24));
   s = at::vec::fmadd(s, d, Vec(1.0f / 6));
   return at::vec::fmadd(s, d, Vec(0.5f));
+}
+
+// c[0] + c[1] d + ... + c[n - 1] d^(n-1)
+template <int n>
+inline Vec horner(const float* c, const Vec& d) {
+  Vec s(c[n - 1]);
+  for (int i = n - 2; i >= 0; --i) s = at::vec::fmadd(s, d, Vec(c[i]));
+  return s;
 }
 
 inline float reduce_max(const Vec& v) {
@@ -143,6 +210,32 @@ bool has_nan(const T* p, int64_t n) {
   return false;
 }
 
+inline double no_mass_to_zero(double x) { return x == -INF ? 0.0 : x; }
+
+// log(exp(x) + exp(y)) as torch.logaddexp: NaN if either is NaN, +inf if either is +inf, -inf if both are -inf
+inline double logaddexp(double x, double y) {
+  if (std::isnan(x) || std::isnan(y)) return std::numeric_limits<double>::quiet_NaN();
+  const double m = std::max(x, y);
+  if (std::isinf(m)) return m;
+  return m + std::log1p(std::exp(-std::fabs(x - y)));
+}
+
+// log-sum-exp of xs, as torch.logsumexp: NaN if any is NaN, +inf if any is +inf, -inf if all are -inf
+double logsumexp(const double* xs, int64_t k, int64_t stride) {
+  double m = -INF;
+  for (int64_t i = 0; i < k; ++i) {
+    double x = xs[i * stride];
+    if (std::isnan(x)) return x;
+    m = std::max(m, x);
+  }
+  if (std::isinf(m)) return m;
+  double s = 0.0;
+  for (int64_t i = 0; i < k; ++i) s += std::exp(xs[i * stride] - m);
+  return m + std::log(s);
+}
+
+// ============================================ KL stats =========================================================
+
 struct Leaf {
   double la, ent, lb, kl;
 };
@@ -154,7 +247,9 @@ struct Leaf {
 template <bool two, bool scale>
 Leaf leaf(const TA* a, const TB* b, int64_t n, float inv_t, int64_t flags, float* ea, float* eb, const TA* next_a,
           const TB* next_b) {
-  const bool want_ent = flags & WANT_ENT;
+  const bool want_ent = flags & WANT_ENT, want_kl = two && (flags & WANT_KL);
+  // pass 3 reads the exponentials back from the scratch rows; without it (only the log-sum-exps) nothing is stored
+  const bool keep = want_ent || want_kl;
   const Vec it(inv_t);
   // pass 1: the maxima, without propagating NaN (the running max keeps its value past a NaN, or becomes NaN and
   // moves on): a NaN still turns the sums of pass 2 into NaN (exp(NaN)) and with them the lse, except where the
@@ -172,8 +267,8 @@ Leaf leaf(const TA* a, const TB* b, int64_t n, float inv_t, int64_t flags, float
   for (; j + W <= n; j += W) maxima(j, W);
   if (j < n) maxima(j, n - j);
   float ma = reduce_max(vma), mb = two ? reduce_max(vmb) : 0.0f;
-  if (ma == INF && has_nan(a, n)) ma = std::numeric_limits<float>::quiet_NaN();
-  if (two && mb == INF && has_nan(b, n)) mb = std::numeric_limits<float>::quiet_NaN();
+  if (ma == INF && has_nan(a, n)) ma = NaN;
+  if (two && mb == INF && has_nan(b, n)) mb = NaN;
   // a leaf without mass is shifted by 0, not by -inf (-inf - -inf = NaN)
   const Vec ma_shift(ma == -INF ? 0.0f : ma), mb_shift(mb == -INF ? 0.0f : mb);
   // pass 2: e = exp(x - max) into the scratch rows, and the sums s. Prefetching the current row when there is no
@@ -187,14 +282,14 @@ Leaf leaf(const TA* a, const TB* b, int64_t n, float inv_t, int64_t flags, float
     auto body = [&](int64_t j, int64_t c) {
       Vec x = load(a + j, c);
       Vec e = exp_((scale ? x * it : x) - ma_shift);
-      e.store(ea + j);
+      if (keep) e.store(ea + j);
       acc_a = acc_a + e;
       prefetch(pre_a + j);
       if (two) {
         prefetch(pre_b + j);
         Vec y = load(b + j, c);
         Vec f = exp_((scale ? y * it : y) - mb_shift);
-        f.store(eb + j);
+        if (keep) f.store(eb + j);
         acc_b = acc_b + f;
       }
     };
@@ -210,6 +305,7 @@ Leaf leaf(const TA* a, const TB* b, int64_t n, float inv_t, int64_t flags, float
   const double ma_s = ma == -INF ? 0.0 : ma, mb_s = mb == -INF ? 0.0 : mb;
   out.la = ma == INF ? INF : ma_s + std::log(sa);
   out.lb = two ? (mb == INF ? INF : mb_s + std::log(sb)) : 0.0;
+  if (!keep) return out;
   // log P = (x - max) - log s, the max taken out first so that huge logits (near the dtype's limits) keep log s;
   // a leaf without mass has log s = +inf, so that its log P is -inf, not NaN
   const double a_lse = sa == 0.0 ? INF : ma_s + std::log(sa), b_lse = sb == 0.0 ? INF : mb_s + std::log(sb);
@@ -217,7 +313,6 @@ Leaf leaf(const TA* a, const TB* b, int64_t n, float inv_t, int64_t flags, float
   const Vec log_sb(sb == 0.0 ? INF : static_cast<float>(std::log(sb)));
   const Vec inv_sa(sa == 0.0 ? 1.0f : static_cast<float>(1.0 / sa));
   const Vec inv_sb(sb == 0.0 ? 1.0f : static_cast<float>(1.0 / sb));
-  if (!two && !want_ent) return out;
   // pass 3: entropy terms -P log P and KL terms P g(x) from the cached e, no transcendental.
   // d = log Q - log P = (b - a) - shift, shift = (max_b + log s_b) - (max_a + log s_a): for close logits b - a
   // rounds once and the subtraction of the shift is exact, 4x less error than (b - lse_b) - (a - lse_a)
@@ -239,7 +334,7 @@ Leaf leaf(const TA* a, const TB* b, int64_t n, float inv_t, int64_t flags, float
       // P = 0 (a -inf logit or an underflow): 0 log 0 = 0, and the KL term's limit is Q
       Mask p_zero = eq(e, zero);
       if (want_ent) acc_ent = acc_ent + select(p_zero, zero, p * ((x - ma_shift) - log_sa));
-      if (two) {
+      if (want_kl) {
         Vec y = load(b + j, c);
         y = scale ? y * it : y;
         Vec q = Vec::loadu(eb + j) * inv_sb;
@@ -262,22 +357,6 @@ Leaf leaf(const TA* a, const TB* b, int64_t n, float inv_t, int64_t flags, float
   return out;
 }
 
-inline double no_mass_to_zero(double x) { return x == -INF ? 0.0 : x; }
-
-// log-sum-exp of xs, as torch.logsumexp: NaN if any is NaN, +inf if any is +inf, -inf if all are -inf
-double logsumexp(const double* xs, int64_t k, int64_t stride) {
-  double m = -INF;
-  for (int64_t i = 0; i < k; ++i) {
-    double x = xs[i * stride];
-    if (std::isnan(x)) return x;
-    m = std::max(m, x);
-  }
-  if (std::isinf(m)) return m;
-  double s = 0.0;
-  for (int64_t i = 0; i < k; ++i) s += std::exp(xs[i * stride] - m);
-  return m + std::log(s);
-}
-
 // The stats of the union of k leaves (merge_stats of shardkl/_stats.py, in double).
 Leaf merge(const std::vector<Leaf>& leaves, bool two) {
   const int64_t k = static_cast<int64_t>(leaves.size());
@@ -292,9 +371,18 @@ Leaf merge(const std::vector<Leaf>& leaves, bool two) {
     if (wa != 0.0) out.ent += wa * (g.ent - log_wa);
     if (two) {
       const double log_wb = g.lb - no_mass_to_zero(out.lb);
+      const double wb = std::exp(log_wb);
       // chain rule: w (KL_i + g(log w - log v)); a leaf where P has no mass contributes its share of Q
       const double x = log_wa - log_wb;
-      out.kl += wa == 0.0 ? std::exp(log_wb) : wa * (g.kl + (x + std::expm1(-x)));
+      if (wa == 0.0) {
+        out.kl += wb;
+      } else if (x < -1.0) {
+        // v > e w: the gap term written w x - w + v, where v dominates (nothing cancels); w g(x) would overflow
+        // (expm1(-x) = inf for x < -709 while w > 0 is subnormal: a finite KL reported as inf)
+        out.kl += wa * g.kl + (wa * x - wa + wb);
+      } else {
+        out.kl += wa * (g.kl + (x + std::expm1(-x)));
+      }
     }
   }
   // a row where P has no mass at all is an empty, masked row with KL 0
@@ -302,8 +390,8 @@ Leaf merge(const std::vector<Leaf>& leaves, bool two) {
   return out;
 }
 
-void forward(const TA* a, const TB* b, float* out, float* scratch, int64_t rows, int64_t cols, int64_t stride_a,
-             int64_t stride_b, float inv_t, int64_t flags, int64_t threads) {
+void kl_forward(const TA* a, const TB* b, float* out, float* scratch, int64_t rows, int64_t cols, int64_t stride_a,
+                int64_t stride_b, float inv_t, int64_t flags, int64_t threads) {
   const bool two = flags & TWO;
   const int64_t chunk = std::min(cols, MAX_CHUNK);
   const int64_t padded = (chunk + W - 1) / W * W;
@@ -340,9 +428,9 @@ void forward(const TA* a, const TB* b, float* out, float* scratch, int64_t rows,
 
 // (two inputs and the temperature scaling are template arguments, as for leaf())
 template <bool two, bool scale>
-void backward(const TA* a, const TB* b, TA* grad_a, TB* grad_b, const float* vecs, const int64_t* token_cols,
-              int64_t rows, int64_t cols, int64_t stride_a, int64_t stride_b, float inv_t, int64_t flags,
-              int64_t threads) {
+void kl_backward(const TA* a, const TB* b, TA* grad_a, TB* grad_b, const float* vecs, const int64_t* token_cols,
+                 int64_t rows, int64_t cols, int64_t stride_a, int64_t stride_b, float inv_t, int64_t flags,
+                 int64_t threads) {
   const bool has_kl = two && (flags & HAS_GRAD_KL), has_ent = flags & HAS_GRAD_ENT;
   const bool has_logp = flags & HAS_GRAD_LOGP, has_logq = two && (flags & HAS_GRAD_LOGQ);
   const bool write_a = flags & WRITE_A, write_b = two && (flags & WRITE_B);
@@ -393,22 +481,416 @@ void backward(const TA* a, const TB* b, TA* grad_a, TB* grad_b, const float* vec
   }
 }
 
+// ============================================ generalised JSD ==================================================
+//
+// With d = log P - log Q (taken as (a - b) - (lse_a - lse_b), as the KL's d), M = beta P + r Q, r = 1 - beta:
+//   x = log P - log M = -log1p(z),  z = M/P - 1 = r (Q - P) / P     (and e^-x - 1 = z)
+//   y = log Q - log M = -log1p(z'), z' = M/Q - 1 = beta (P - Q) / Q
+// and the terms P g(x) = P (z - log1p(z)), Q g(y) = Q (z' - log1p(z')), each >= 0 (log1p_ gives z - log1p(z) with
+// nothing to cancel). Q - P is exact (Sterbenz) where it matters, for close P and Q. Where |d| < 1/2 the same four
+// quantities are power series in d, which need no log at all and keep every digit of a tiny divergence:
+//   x(d) = -log(beta + r e^-d) = sum_n (-1)^(n+1) kappa_n d^n / n!    (kappa_n: the cumulants of Bernoulli(r))
+//   g(x(d)) = x + r (e^-d - 1),  g(y(d)) = x - d + beta (e^d - 1),
+// truncated after d^10 (relative error < 2e-8 at |d| = 1/2 for beta in [0.1, 0.9]; the series converge for |d| < pi).
+
+constexpr int X_TERMS = 10;  // x(d) = d (x[0] + x[1] d + ... + x[9] d^9)
+constexpr int G_TERMS = 9;   // g(x(d)) = d^2 (gp[0] + gp[1] d + ... + gp[8] d^8), and gq for g(y(d))
+constexpr float SERIES_BELOW = 0.5f;
+
+struct Mixture {
+  float beta, rest;
+  float x[X_TERMS], gp[G_TERMS], gq[G_TERMS];
+};
+
+// The mixture weights and the series' coefficients for this beta, computed in double.
+Mixture mixture(float beta_f) {
+  const double beta = beta_f, r = 1.0 - beta;
+  // kappa_1 = r and kappa_(n+1) = r (1 - r) d kappa_n / dr, kept as polynomials in r
+  std::vector<double> poly{0.0, 1.0};
+  double kappa[X_TERMS + 1] = {};
+  for (int n = 1; n <= X_TERMS; ++n) {
+    double value = 0.0, power = 1.0;
+    for (double c : poly) {
+      value += c * power;
+      power *= r;
+    }
+    kappa[n] = value;
+    std::vector<double> next(poly.size() + 1, 0.0);
+    for (size_t i = 1; i < poly.size(); ++i) {
+      next[i] += static_cast<double>(i) * poly[i];
+      next[i + 1] -= static_cast<double>(i) * poly[i];
+    }
+    poly = next;
+  }
+  Mixture m{};
+  m.beta = beta_f;
+  m.rest = static_cast<float>(r);
+  double factorial = 1.0;
+  for (int n = 1; n <= X_TERMS; ++n) {
+    factorial *= n;
+    const double sign = n % 2 ? 1.0 : -1.0;
+    m.x[n - 1] = static_cast<float>(sign * kappa[n] / factorial);
+    if (n >= 2) {
+      m.gp[n - 2] = static_cast<float>(sign * (kappa[n] - r) / factorial);
+      m.gq[n - 2] = static_cast<float>((sign * kappa[n] + beta) / factorial);
+    }
+  }
+  return m;
+}
+
+// x = log P - log M and y = log Q - log M per lane, given d, P, Q (the gradient's need). Lanes where P = 0 (Q = 0)
+// may hold anything in x (y).
+inline void mixture_log_ratios(const Mixture& mx, const Vec& d, const Vec& p, const Vec& q, Vec& x, Vec& y) {
+  const Mask small = lt(d.abs(), Vec(SERIES_BELOW));
+  const bool all_small = all_of(small);
+  if (!all_small) {
+    const Vec diff = q - p;
+    Vec log1p_z, gap;
+    log1p_(Vec(mx.rest) * diff / p, log1p_z, gap);
+    x = log1p_z.neg();
+    log1p_(Vec(-mx.beta) * diff / q, log1p_z, gap);
+    y = log1p_z.neg();
+  }
+  if (any_of(small)) {
+    // the series in d, exact to fp32 rounding however small d is; y = x - d loses nothing here (|y| ~ beta |d|)
+    const Vec xs = d * horner<X_TERMS>(mx.x, d);
+    x = all_small ? xs : select(small, xs, x);
+    y = all_small ? xs - d : select(small, xs - d, y);
+  }
+}
+
+// The two terms P g(x) and Q g(y) per lane, both >= 0; a lane where P = 0 (Q = 0) gives the limit M.
+inline void jsd_lane_terms(const Mixture& mx, const Vec& d, const Vec& p, const Vec& q, Vec& tp, Vec& tq) {
+  const Mask small = lt(d.abs(), Vec(SERIES_BELOW));
+  const bool all_small = all_of(small);
+  if (!all_small) {
+    const Vec zero(0.0f), diff = q - p;
+    const Vec m = at::vec::fmadd(Vec(mx.beta), p, Vec(mx.rest) * q);
+    Vec log1p_z, gap_x, gap_y;
+    log1p_(Vec(mx.rest) * diff / p, log1p_z, gap_x);
+    log1p_(Vec(-mx.beta) * diff / q, log1p_z, gap_y);
+    // P = 0 (a -inf logit, an underflow; both: a -inf column, d = NaN): the term's limit M
+    tp = select(eq(p, zero), m, p * gap_x);
+    tq = select(eq(q, zero), m, q * gap_y);
+  }
+  if (any_of(small)) {
+    const Vec d2 = d * d;
+    const Vec sp = p * d2 * horner<G_TERMS>(mx.gp, d), sq = q * d2 * horner<G_TERMS>(mx.gq, d);
+    tp = all_small ? sp : select(small, sp, tp);
+    tq = all_small ? sq : select(small, sq, tq);
+  }
+}
+
+// Per-row sums of the terms of KL(P‖M) and KL(Q‖M) into out64[0 * rows + r], out64[1 * rows + r].
+template <bool scale>
+void jsd_terms(const TA* a, const TB* b, double* out, const float* vecs, int64_t rows, int64_t cols,
+               int64_t stride_a, int64_t stride_b, float inv_t, float beta, int64_t threads) {
+  const Mixture mx = mixture(beta);
+  const Vec it(inv_t);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float lse_a = vecs[J_LSE_A * rows + r], lse_b = vecs[J_LSE_B * rows + r];
+    const Vec v_lse_a(lse_a), v_lse_b(lse_b);
+    // d = (a - b) - (lse_a - lse_b): a - b of close logits rounds once and the per-row constant is exact
+    const Vec shift(static_cast<float>(static_cast<double>(lse_a) - static_cast<double>(lse_b)));
+    const TA* ar = a + r * stride_a;
+    const TB* br = b + r * stride_b;
+    double kl_pm = 0.0, kl_qm = 0.0;
+    for (int64_t j0 = 0; j0 < cols; j0 += BLOCK) {
+      const int64_t j1 = std::min(cols, j0 + BLOCK);
+      Vec acc_p(0.0f), acc_q(0.0f);
+      auto body = [&](int64_t j, int64_t c) {
+        Vec x = load(ar + j, c), y = load(br + j, c);
+        x = scale ? x * it : x;
+        y = scale ? y * it : y;
+        const Vec d = (x - y) - shift;
+        Vec tp, tq;
+        jsd_lane_terms(mx, d, exp_(x - v_lse_a), exp_(y - v_lse_b), tp, tq);
+        acc_p = acc_p + tp;
+        acc_q = acc_q + tq;
+      };
+      int64_t j = j0;
+      for (; j + W <= j1; j += W) body(j, W);
+      if (j < j1) body(j, j1 - j);
+      kl_pm += reduce_sum(acc_p);
+      kl_qm += reduce_sum(acc_q);
+    }
+    out[r] = kl_pm;
+    out[rows + r] = kl_qm;
+  }
+}
+
+// grad_a = beta g P (x - KL(P‖M)) / T, grad_b = r g Q (y - KL(Q‖M)) / T; 0 where P (Q) is 0 or g is 0.
+template <bool scale>
+void jsd_grads(const TA* a, const TB* b, TA* grad_a, TB* grad_b, const float* vecs, int64_t rows, int64_t cols,
+               int64_t stride_a, int64_t stride_b, float inv_t, float beta, int64_t flags, int64_t threads) {
+  const Mixture mx = mixture(beta);
+  const bool write_a = flags & WRITE_A, write_b = flags & WRITE_B;
+  const Vec it(inv_t), zero(0.0f);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < rows; ++r) {
+    auto row = [&](int which) { return vecs[which * rows + r]; };
+    const float g = row(J_GRAD);
+    if (g == 0.0f) {
+      // no incoming gradient: 0, not 0 * inf (an infinite or NaN divergence's rows)
+      for (int64_t j = 0; j < cols; j += W) {
+        const int64_t c = std::min(W, cols - j);
+        if (write_a) store(grad_a + r * cols + j, zero, c);
+        if (write_b) store(grad_b + r * cols + j, zero, c);
+      }
+      continue;
+    }
+    const float lse_a = row(J_LSE_A), lse_b = row(J_LSE_B);
+    const Vec v_lse_a(lse_a), v_lse_b(lse_b), kl_pm(row(J_KL_PM)), kl_qm(row(J_KL_QM));
+    const Vec shift(static_cast<float>(static_cast<double>(lse_a) - static_cast<double>(lse_b)));
+    // the factors beta g / T and r g / T of the two sides
+    const Vec coef_a(static_cast<float>(static_cast<double>(mx.beta) * g * inv_t));
+    const Vec coef_b(static_cast<float>(static_cast<double>(mx.rest) * g * inv_t));
+    const TA* ar = a + r * stride_a;
+    const TB* br = b + r * stride_b;
+    auto body = [&](int64_t j, int64_t c) {
+      Vec xa = load(ar + j, c), yb = load(br + j, c);
+      xa = scale ? xa * it : xa;
+      yb = scale ? yb * it : yb;
+      const Vec d = (xa - yb) - shift;
+      const Vec p = exp_(xa - v_lse_a), q = exp_(yb - v_lse_b);
+      Vec x, y;
+      mixture_log_ratios(mx, d, p, q, x, y);
+      if (write_a) store(grad_a + r * cols + j, select(eq(p, zero), zero, coef_a * p * (x - kl_pm)), c);
+      if (write_b) store(grad_b + r * cols + j, select(eq(q, zero), zero, coef_b * q * (y - kl_qm)), c);
+    };
+    int64_t j = 0;
+    for (; j + W <= cols; j += W) body(j, W);
+    if (j < cols) body(j, cols - j);
+  }
+}
+
+// ============================================ top-k teacher ====================================================
+
+// fp32 elements per partial sum of the tail (added in double): the tail's log-sum-exp is compared with the ids'
+// logits directly, so its absolute error must stay far below 1e-6 (see accurate_lse in shardkl/_divergences.py)
+constexpr int64_t TOPK_BLOCK = 128;
+// a tail whose sum in the frame of the row's max is below this may have lost mass to underflow (exp_ flushes
+// values under 2e-38 to 0): it is summed again around its own max
+constexpr double TAIL_UNDERFLOW = 1e-20;
+
+// log-sum-exp of the n logits s (scaled by inv_t) where held[j] == 0 (every column if held is null), as eager's
+// accurate_lse: NaN if one is NaN, +inf if one is +inf, -inf if all are -inf. Scalar: only for rows holding
+// +inf or without a finite logit.
+template <bool scale>
+double masked_lse_scalar(const TA* s, int64_t n, float inv_t, const float* held) {
+  float m = -INF;
+  bool nan = false;
+  for (int64_t j = 0; j < n; ++j) {
+    if (held && held[j] != 0.0f) continue;
+    const float v = scale ? static_cast<float>(s[j]) * inv_t : static_cast<float>(s[j]);
+    if (std::isnan(v)) nan = true;
+    else m = std::max(m, v);
+  }
+  if (nan) return NaN;
+  if (std::isinf(m)) return m;
+  double sum = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (held && held[j] != 0.0f) continue;
+    const float v = scale ? static_cast<float>(s[j]) * inv_t : static_cast<float>(s[j]);
+    sum += std::exp(static_cast<double>(v - m));
+  }
+  return m + std::log(sum);
+}
+
+// log-sum-exp of the n logits s where held[j] == 0, around the max of those columns; every one is finite or
+// -inf (the row's max was finite and the tail's sum was not NaN). Vectorised: a tail far below the ids is common
+// at low temperatures.
+template <bool scale>
+double masked_lse(const TA* s, int64_t n, float inv_t, const float* held) {
+  const Vec it(inv_t), zero(0.0f), minus_inf(-INF);
+  Vec vm(-INF);
+  int64_t j = 0;
+  auto masked = [&](int64_t j, int64_t c) {
+    Vec x = load(s + j, c);
+    // the scratch past n is never read as a held mark: those lanes are -inf already
+    return select(eq(Vec::loadu(held + j), zero), scale ? x * it : x, minus_inf);
+  };
+  for (; j + W <= n; j += W) vm = max_or_second(masked(j, W), vm);
+  if (j < n) vm = max_or_second(masked(j, n - j), vm);
+  const float m = reduce_max(vm);
+  if (m == -INF) return -INF;
+  const Vec shift(m);
+  double sum = 0.0;
+  for (int64_t j0 = 0; j0 < n; j0 += TOPK_BLOCK) {
+    const int64_t j1 = std::min(n, j0 + TOPK_BLOCK);
+    Vec acc(0.0f);
+    for (j = j0; j + W <= j1; j += W) acc = acc + exp_(masked(j, W) - shift);
+    if (j < j1) acc = acc + exp_(masked(j, j1 - j) - shift);
+    sum += reduce_sum(acc);
+  }
+  return m + std::log(sum);
+}
+
+struct TopKLeaf {
+  double lse, lse_excl;
+};
+
+// (lse, lse without the ids) of one leaf of n <= MAX_CHUNK columns starting at column c0 of the block; e: the
+// thread's scratch row (round_up(n, W) floats).
+template <bool scale>
+TopKLeaf topk_leaf(const TA* s, int64_t n, int64_t c0, const int64_t* ids, int64_t k, float inv_t, float* e) {
+  const Vec it(inv_t);
+  // pass 1: the max, NaN ignored (a NaN turns the sums of pass 2 into NaN)
+  Vec vm(-INF);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    Vec x = load(s + j, W);
+    vm = max_or_second(scale ? x * it : x, vm);
+  }
+  if (j < n) {
+    Vec x = load(s + j, n - j);
+    vm = max_or_second(scale ? x * it : x, vm);
+  }
+  const float m = reduce_max(vm);
+  if (!std::isfinite(m)) {
+    // +inf somewhere, or no finite logit: the conventions, column by column (rare)
+    std::fill(e, e + n, 0.0f);
+    for (int64_t i = 0; i < k; ++i) {
+      if (ids[i] >= c0 && ids[i] < c0 + n) e[ids[i] - c0] = 1.0f;
+    }
+    return {masked_lse_scalar<scale>(s, n, inv_t, nullptr), masked_lse_scalar<scale>(s, n, inv_t, e)};
+  }
+  // pass 2: e = exp(s - max) into the scratch row
+  const Vec shift(m);
+  for (j = 0; j + W <= n; j += W) {
+    Vec x = load(s + j, W);
+    exp_((scale ? x * it : x) - shift).store(e + j);
+  }
+  if (j < n) {
+    Vec x = load(s + j, n - j);
+    exp_((scale ? x * it : x) - shift).store(e + j);
+  }
+  // the ids' columns taken out of the scratch row: the tail is then a sum of what is left, nothing subtracted
+  double held = 0.0;
+  for (int64_t i = 0; i < k; ++i) {
+    if (ids[i] >= c0 && ids[i] < c0 + n) {
+      held += e[ids[i] - c0];
+      e[ids[i] - c0] = 0.0f;
+    }
+  }
+  // pass 3: the tail's sum, from cache
+  double tail = 0.0;
+  for (int64_t j0 = 0; j0 < n; j0 += TOPK_BLOCK) {
+    const int64_t j1 = std::min(n, j0 + TOPK_BLOCK);
+    Vec acc(0.0f);
+    for (j = j0; j + W <= j1; j += W) acc = acc + Vec::loadu(e + j);
+    if (j < j1) acc = acc + Vec::loadu(e + j, j1 - j);
+    tail += reduce_sum(acc);
+  }
+  TopKLeaf out{m + std::log(tail + held), m + std::log(tail)};
+  if (tail < TAIL_UNDERFLOW) {
+    // the tail is far below the row's max (or empty): its own log-sum-exp, around its own max
+    std::fill(e, e + n, 0.0f);
+    for (int64_t i = 0; i < k; ++i) {
+      if (ids[i] >= c0 && ids[i] < c0 + n) e[ids[i] - c0] = 1.0f;
+    }
+    out.lse_excl = masked_lse<scale>(s, n, inv_t, e);
+  }
+  return out;
+}
+
+template <bool scale>
+void topk_stats(const TA* s, double* out, float* scratch, const int64_t* ids, int64_t k, int64_t rows, int64_t cols,
+                int64_t stride, float inv_t, int64_t threads) {
+  const int64_t chunk = std::min(cols, MAX_CHUNK);
+  const int64_t padded = (chunk + W - 1) / W * W;
+#pragma omp parallel num_threads(threads)
+  {
+    float* e = scratch + padded * omp_get_thread_num();
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      double lse = -INF, lse_excl = -INF;
+      for (int64_t c0 = 0; c0 < cols; c0 += chunk) {
+        const TopKLeaf part = topk_leaf<scale>(s + r * stride + c0, std::min(chunk, cols - c0), c0, ids + r * k, k,
+                                               inv_t, e);
+        lse = logaddexp(lse, part.lse);
+        lse_excl = logaddexp(lse_excl, part.lse_excl);
+      }
+      out[r] = lse;
+      out[rows + r] = lse_excl;
+    }
+  }
+}
+
+// vecs: lse_excl [rows], tail_coef [rows], then id_coef [rows, k].
+template <bool scale>
+void topk_grads(const TA* s, TA* grad, const float* vecs, const int64_t* ids, int64_t k, int64_t rows, int64_t cols,
+                int64_t stride, float inv_t, int64_t threads) {
+  const Vec it(inv_t), zero(0.0f);
+  const float* id_coef = vecs + 2 * rows;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float lse_excl = vecs[r];
+    const TA* sr = s + r * stride;
+    TA* gr = grad + r * cols;
+    // a tail column's share of the tail, exp(s - lse_excl), times the row's factor (and 1/T); none without a tail
+    const bool empty = lse_excl == -INF;
+    const Vec shift(empty ? 0.0f : lse_excl), coef(empty ? 0.0f : vecs[rows + r] * inv_t);
+    auto body = [&](int64_t j, int64_t c) {
+      Vec x = load(sr + j, c);
+      store(gr + j, empty ? zero : exp_((scale ? x * it : x) - shift) * coef, c);
+    };
+    int64_t j = 0;
+    for (; j + W <= cols; j += W) body(j, W);
+    if (j < cols) body(j, cols - j);
+    // then the ids' columns, each its own bucket
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t col = ids[r * k + i];
+      if (col >= 0 && col < cols) gr[col] = static_cast<TA>(id_coef[r * k + i] * inv_t);
+    }
+  }
+}
+
 }  // namespace
 
-// The one entry point of the module (the code cache binds a function named `kernel`). flags & BACKWARD selects
-// the pass; unused pointer arguments may point anywhere.
-extern "C" void kernel(const void* a, const void* b, void* grad_a, void* grad_b, float* out, float* scratch,
-                       const float* vecs, const int64_t* token_cols, int64_t rows, int64_t cols, int64_t stride_a,
-                       int64_t stride_b, float inv_t, int64_t flags, int64_t threads) {
+// The one entry point of the module (the code cache binds a function named `kernel`); `mode` selects the op and
+// the pass (Mode above), and unused pointer arguments may point anywhere.
+//   a, b: [rows, cols] logits with row strides stride_a, stride_b (the top-k passes read a only);
+//   grad_a, grad_b: [rows, cols] contiguous gradient outputs in the inputs' dtypes;
+//   out: float [num_stats, rows] (KL stats); out64: double [2, rows] (JSD terms, top-k stats);
+//   scratch: per-thread scratch rows; vecs: float per-row vectors of the pass; index: int64 token columns [rows]
+//   (KL backward) or ids [rows, k] (top-k); beta: the JSD's mixture weight.
+extern "C" void kernel(int64_t mode, const void* a, const void* b, void* grad_a, void* grad_b, float* out,
+                       double* out64, float* scratch, const float* vecs, const int64_t* index, int64_t rows,
+                       int64_t cols, int64_t stride_a, int64_t stride_b, int64_t k, float inv_t, float beta,
+                       int64_t flags, int64_t threads) {
   const TA* pa = static_cast<const TA*>(a);
   const TB* pb = static_cast<const TB*>(b);
-  if (flags & BACKWARD) {
-    const bool two = flags & TWO, scale = flags & SCALE;
-    auto run = two ? (scale ? backward<true, true> : backward<true, false>)
-                   : (scale ? backward<false, true> : backward<false, false>);
-    run(pa, pb, static_cast<TA*>(grad_a), static_cast<TB*>(grad_b), vecs, token_cols, rows, cols, stride_a, stride_b,
-        inv_t, flags, threads);
-  } else {
-    forward(pa, pb, out, scratch, rows, cols, stride_a, stride_b, inv_t, flags, threads);
+  const bool two = flags & TWO, scale = flags & SCALE;
+  switch (mode) {
+    case KL_STATS:
+      kl_forward(pa, pb, out, scratch, rows, cols, stride_a, stride_b, inv_t, flags, threads);
+      break;
+    case KL_GRADS: {
+      auto run = two ? (scale ? kl_backward<true, true> : kl_backward<true, false>)
+                     : (scale ? kl_backward<false, true> : kl_backward<false, false>);
+      run(pa, pb, static_cast<TA*>(grad_a), static_cast<TB*>(grad_b), vecs, index, rows, cols, stride_a, stride_b,
+          inv_t, flags, threads);
+      break;
+    }
+    case JSD_TERMS:
+      (scale ? jsd_terms<true> : jsd_terms<false>)(pa, pb, out64, vecs, rows, cols, stride_a, stride_b, inv_t, beta,
+                                                   threads);
+      break;
+    case JSD_GRADS:
+      (scale ? jsd_grads<true> : jsd_grads<false>)(pa, pb, static_cast<TA*>(grad_a), static_cast<TB*>(grad_b), vecs,
+                                                   rows, cols, stride_a, stride_b, inv_t, beta, flags, threads);
+      break;
+    case TOPK_STATS:
+      (scale ? topk_stats<true> : topk_stats<false>)(pa, out64, scratch, index, k, rows, cols, stride_a, inv_t,
+                                                     threads);
+      break;
+    case TOPK_GRADS:
+      (scale ? topk_grads<true> : topk_grads<false>)(pa, static_cast<TA*>(grad_a), vecs, index, k, rows, cols,
+                                                     stride_a, inv_t, threads);
+      break;
+    default:
+      break;
   }
 }
