@@ -298,7 +298,7 @@ def jsd_terms(
 ) -> Tensor:
     """This block's per-token sums of the terms of KL(P‖M) and KL(Q‖M): ``[2, rows]`` float64 (see
     :func:`shardkl.kernels.eager.jsd_terms`). One pass per row: two exponentials per pair, and two ``log1p`` only
-    where ``|log P − log Q| >= 1/2`` (below, power series in it)."""
+    where ``|log P − log Q| >= 0.4`` (below, power series in it)."""
     _check_dtype(dtype)
     rows, cols = a.shape
     out = torch.zeros(2, rows, dtype=torch.float64, device=a.device)
@@ -340,17 +340,17 @@ def jsd_grads(
 
 def topk_stats(s: Tensor, *, temperature: float, dtype: torch.dtype, ids: Tensor) -> Tensor:
     """``[2, rows]`` float64: the log-sum-exp of the block and of its columns not among ``ids`` (see
-    :func:`shardkl.kernels.eager.topk_stats`). Per leaf: the max, ``exp`` into a scratch row, the ids' entries
-    zeroed there and the rest summed (the tail is a sum, never ``1 − Σ``); a tail below ``1e-20`` of the row's max
-    is summed again around its own max."""
+    :func:`shardkl.kernels.eager.topk_stats`). Per leaf of at most ``MAX_CHUNK`` columns: the max, then ``exp``
+    with the ids' lanes summed apart from the tail's (the tail is a sum, never ``1 − Σ``); a tail below ``1e-20``
+    of the row's max is summed again around its own max."""
     _check_dtype(dtype)
     rows, cols = s.shape
     out = torch.full((2, rows), float("-inf"), dtype=torch.float64, device=s.device)
     if rows == 0 or cols == 0:
         return out
     k = ids.shape[-1]
-    _run(_TOPK_STATS, row_major(s), out64=out, scratch=_scratch(_threads(rows), 1, cols, s.device),
-         index=ids.to(torch.int64).contiguous() if k else None, k=k, temperature=temperature)
+    _run(_TOPK_STATS, row_major(s), out64=out, index=ids.to(torch.int64).contiguous() if k else None, k=k,
+         temperature=temperature)
     return out
 
 

@@ -16,10 +16,10 @@
 // KL backward: one pass per row, P and Q recomputed from the saved log-sum-exps (two exponentials per pair).
 //
 // JSD terms (the second round, with the global log-sum-exps known): one pass per row, two exponentials per pair
-// (P, Q) and, where |log P - log Q| >= 1/2, two log1p; below, Taylor polynomials in d = log P - log Q whose
+// (P, Q) and, where |log P - log Q| >= 0.4, two log1p; below, Taylor polynomials in d = log P - log Q whose
 // coefficients depend on beta (computed once per call). JSD backward: the same per pair, then one store per side.
-// Top-k stats: per leaf, the max; exp into the scratch row; the teacher's ids zeroed there and the rest summed, so
-// the tail's log-sum-exp is a sum, never a difference; a tail that underflows against the row's max is summed again
+// Top-k stats: per leaf, the max; then exp, the lanes of the teacher's ids summed apart from the tail's, so that the
+// tail's log-sum-exp is a sum, never a difference; a tail that underflows against the row's max is summed again
 // around its own. Top-k backward: one exponential per logit, then the K id columns overwritten.
 //
 // The formulas, and the handling of -inf, NaN and +inf, are those of shardkl/_stats.py (leaf_stats, merge_stats,
@@ -84,7 +84,12 @@ inline Mask lt(const Vec& x, const Vec& y) { return x < y; }
 inline Mask gt(const Vec& x, const Vec& y) { return x > y; }
 inline Mask eq(const Vec& x, const Vec& y) { return x == y; }
 inline Vec select(const Mask& m, const Vec& if_true, const Vec& if_false) { return Vec::blendv(if_false, if_true, m); }
+// the larger of x and y, or y where either is NaN
+#if defined(CPU_CAPABILITY_AVX2)
+inline Vec max_or_second(const Vec& x, const Vec& y) { return _mm256_max_ps(x, y); }
+#else
 inline Vec max_or_second(const Vec& x, const Vec& y) { return select(gt(x, y), x, y); }
+#endif
 // a true lane is all ones (a NaN), a false one +0.0: zero_mask() has a bit set for each false lane
 inline bool all_of(const Mask& m) { return m.zero_mask() == 0; }
 inline bool any_of(const Mask& m) { return m.zero_mask() != (1 << W) - 1; }
@@ -122,26 +127,98 @@ inline void store(T* p, const Vec& v, int64_t n) {
   }
 }
 
-// exp(x) for x <= 88 (every argument here is <= 0 up to rounding): Cody-Waite reduction by ln 2, a degree-5
-// minimax polynomial on [-ln2/2, ln2/2] (1.7e-7 relative, 3 ulp) and 2^n from its exponent bits; 0 below -86.6
-// (results under 2e-38, where 2^n would leave the normal range), NaN for NaN. Inlined, unlike the
-// library call behind Vec::exp(), so that the compiler interleaves it with the rest of the loop.
-inline Vec exp_(const Vec& x) {
-  const Vec lo(-86.6f);
-  Mask under = lt(x, lo);
-  Vec xc = select(under, lo, x);
-  Vec n = (xc * Vec(1.44269504088896341f)).round();
+// exp(x) for x <= 88 (every argument here is <= 0 up to rounding), the argument clamped at -86.6, so that the
+// result is at least 2e-38 (normal), never 0; NaN for NaN. For sums, where such a term is invisible next to the
+// max's 1, and where a -inf logit need not give exactly 0. Cody-Waite reduction by ln 2 to r in [-ln2/2, ln2/2], a
+// polynomial for e^r and 2^n from its exponent bits. Inlined, unlike the library call behind Vec::exp(), so that the
+// compiler interleaves it with the rest of the loop. accurate = false: a degree-5 minimax polynomial (1.7e-7
+// relative, 3 ulp, biased by -1e-8 on average), where each value's error counts once (probabilities, gradients);
+// true: degree 6 (0.6 ulp, unbiased to 5e-10), where a long sum of exponentials must keep 1e-9 relative (the top-k
+// tail, compared with the ids' logits directly: a bias of 1e-8 is a 3e-4 relative error at a bucket KL of 1e-9).
+template <bool accurate = false>
+inline Vec exp_clamped(const Vec& x) {
+  // the clamp lets a NaN through (max_or_second returns its second argument then)
+  const Vec xc = max_or_second(Vec(-86.6f), x);
+  // t = x log2(e) + 1.5 2^23 + 127 rounds x log2(e) to the integer n in its fraction, whose low bits are n + 127
+  const Vec magic(12583039.0f);
+  const Vec t = at::vec::fmadd(xc, Vec(1.44269504088896341f), magic);
+  const Vec n = t - magic;
   Vec r = at::vec::fmadd(n, Vec(-0.693359375f), xc);
   r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);
-  Vec y = at::vec::fmadd(Vec(0.008312532678246498f), r, Vec(0.04189012572169304f));
-  y = at::vec::fmadd(y, r, Vec(0.16667114198207855f));
-  y = at::vec::fmadd(y, r, Vec(0.499992311000824f));
-  y = at::vec::fmadd(y, r, Vec(1.0f));
-  y = at::vec::fmadd(y, r, Vec(1.0f));
-  // 2^n from its exponent bits, n in [-125, 127]
-  IVec bits = (at::vec::convert_to_int_of_same_size(n) + IVec(127)) << IVec(23);
-  return select(under, Vec(0.0f), y * at::vec::cast<float>(bits));
+  Vec y;
+  if constexpr (accurate) {
+    // degree 6 (relative error 2e-9 before rounding: the fp32 result is within 0.6 ulp, mean error 5e-10)
+    y = at::vec::fmadd(Vec(1.383679728e-3f), r, Vec(8.374807338e-3f));
+    y = at::vec::fmadd(y, r, Vec(4.166822585e-2f));
+    y = at::vec::fmadd(y, r, Vec(1.666642027e-1f));
+    y = at::vec::fmadd(y, r, Vec(4.999999208e-1f));
+    y = at::vec::fmadd(y, r, Vec(1.000000036f));
+    y = at::vec::fmadd(y, r, Vec(1.0f));
+  } else {
+    y = at::vec::fmadd(Vec(0.008312532678246498f), r, Vec(0.04189012572169304f));
+    y = at::vec::fmadd(y, r, Vec(0.16667114198207855f));
+    y = at::vec::fmadd(y, r, Vec(0.499992311000824f));
+    y = at::vec::fmadd(y, r, Vec(1.0f));
+    y = at::vec::fmadd(y, r, Vec(1.0f));
+  }
+  // 2^n: n + 127, in [2, 254], shifted into the exponent field (the rest of t's bits leave the word)
+  return y * at::vec::cast<float>(as_int(t) << IVec(23));
 }
+
+// exp(x) for x <= 88, exactly 0 below -86.6 (results under 2e-38): a -inf logit has probability 0
+template <bool accurate = false>
+inline Vec exp_(const Vec& x) {
+  return select(lt(x, Vec(-86.6f)), Vec(0.0f), exp_clamped<accurate>(x));
+}
+
+// A float vector's lanes summed in double, lane by lane: a sum of many exponentials that must keep 1e-9 relative
+// (fp32 partial sums lose ~1e-7 per block, with a bias).
+class DoubleSum {
+ public:
+  void add(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    lo_ = _mm512_add_pd(lo_, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+    hi_ = _mm512_add_pd(hi_, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+#elif defined(CPU_CAPABILITY_AVX2)
+    lo_ = _mm256_add_pd(lo_, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    hi_ = _mm256_add_pd(hi_, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+#else
+    float lanes[W];
+    v.store(lanes);
+    for (int64_t i = 0; i < W; ++i) lanes_[i] += lanes[i];
+#endif
+  }
+  // the lanes of v summed in double
+  static double of(const Vec& v) {
+    DoubleSum s;
+    s.add(v);
+    return s.sum();
+  }
+  double sum() const {
+    double lanes[W];
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm512_storeu_pd(lanes, lo_);
+    _mm512_storeu_pd(lanes + W / 2, hi_);
+#elif defined(CPU_CAPABILITY_AVX2)
+    _mm256_storeu_pd(lanes, lo_);
+    _mm256_storeu_pd(lanes + W / 2, hi_);
+#else
+    std::copy(lanes_, lanes_ + W, lanes);
+#endif
+    double total = 0.0;
+    for (int64_t i = 0; i < W; ++i) total += lanes[i];
+    return total;
+  }
+
+ private:
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512d lo_ = _mm512_setzero_pd(), hi_ = _mm512_setzero_pd();
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256d lo_ = _mm256_setzero_pd(), hi_ = _mm256_setzero_pd();
+#else
+  double lanes_[W] = {};
+#endif
+};
 
 // log1p(z) and z - log1p(z) (>= 0) for z > -1 finite, both to a few ulp of their own size (other lanes: anything).
 // u = 1 + z = 2^e m with m in [sqrt(1/2), sqrt(2)); log1p(z) = e ln2 + log1p(f), f = m - 1, and log1p(f) =
@@ -244,12 +321,12 @@ struct Leaf {
 // round_up(n, W) floats. next_a, next_b: the same columns of the next row, prefetched into cache (or null).
 // (two inputs and the temperature scaling are template arguments, so that the loops have no branches on them and
 // the compiler interleaves the two inputs' independent exponentials)
-template <bool two, bool scale>
+// keep: pass 3 runs (entropy or KL wanted) and reads the exponentials back from the scratch rows; without it (only
+// the log-sum-exps) nothing is stored, and a -inf logit may add 2e-38 to a sum whose max term is 1.
+template <bool two, bool scale, bool keep>
 Leaf leaf(const TA* a, const TB* b, int64_t n, float inv_t, int64_t flags, float* ea, float* eb, const TA* next_a,
           const TB* next_b) {
   const bool want_ent = flags & WANT_ENT, want_kl = two && (flags & WANT_KL);
-  // pass 3 reads the exponentials back from the scratch rows; without it (only the log-sum-exps) nothing is stored
-  const bool keep = want_ent || want_kl;
   const Vec it(inv_t);
   // pass 1: the maxima, without propagating NaN (the running max keeps its value past a NaN, or becomes NaN and
   // moves on): a NaN still turns the sums of pass 2 into NaN (exp(NaN)) and with them the lse, except where the
@@ -281,14 +358,14 @@ Leaf leaf(const TA* a, const TB* b, int64_t n, float inv_t, int64_t flags, float
     Vec acc_a(0.0f), acc_b(0.0f);
     auto body = [&](int64_t j, int64_t c) {
       Vec x = load(a + j, c);
-      Vec e = exp_((scale ? x * it : x) - ma_shift);
+      Vec e = keep ? exp_((scale ? x * it : x) - ma_shift) : exp_clamped((scale ? x * it : x) - ma_shift);
       if (keep) e.store(ea + j);
       acc_a = acc_a + e;
       prefetch(pre_a + j);
       if (two) {
         prefetch(pre_b + j);
         Vec y = load(b + j, c);
-        Vec f = exp_((scale ? y * it : y) - mb_shift);
+        Vec f = keep ? exp_((scale ? y * it : y) - mb_shift) : exp_clamped((scale ? y * it : y) - mb_shift);
         if (keep) f.store(eb + j);
         acc_b = acc_b + f;
       }
@@ -299,6 +376,11 @@ Leaf leaf(const TA* a, const TB* b, int64_t n, float inv_t, int64_t flags, float
     if (j < j1) body(j, j1 - j);
     sa += reduce_sum(acc_a);
     if (two) sb += reduce_sum(acc_b);
+  }
+  if (!keep) {
+    // a leaf without mass (no NaN either) sums to 0, not to its columns' clamped 2e-38
+    if (ma == -INF && !std::isnan(sa)) sa = 0.0;
+    if (two && mb == -INF && !std::isnan(sb)) sb = 0.0;
   }
   Leaf out{};
   // lse = max + log s; +inf logits report +inf, NaN logits NaN (through max and s); no mass: -inf
@@ -395,6 +477,14 @@ void kl_forward(const TA* a, const TB* b, float* out, float* scratch, int64_t ro
   const bool two = flags & TWO;
   const int64_t chunk = std::min(cols, MAX_CHUNK);
   const int64_t padded = (chunk + W - 1) / W * W;
+  const bool scale = flags & SCALE, keep = (flags & WANT_ENT) || (two && (flags & WANT_KL));
+  using LeafFn = Leaf (*)(const TA*, const TB*, int64_t, float, int64_t, float*, float*, const TA*, const TB*);
+  // two inputs, the temperature scaling and the third pass are template arguments of leaf()
+  const LeafFn variants[2][2][2] = {
+      {{leaf<false, false, false>, leaf<false, false, true>}, {leaf<false, true, false>, leaf<false, true, true>}},
+      {{leaf<true, false, false>, leaf<true, false, true>}, {leaf<true, true, false>, leaf<true, true, true>}},
+  };
+  const LeafFn run = variants[two][scale][keep];
 #pragma omp parallel num_threads(threads)
   {
     float* ea = scratch + 2 * padded * omp_get_thread_num();
@@ -411,8 +501,6 @@ void kl_forward(const TA* a, const TB* b, float* out, float* scratch, int64_t ro
         // the next row's columns are fetched while this row computes (passes 2 and 3 are compute-bound)
         const TA* next_a = last ? nullptr : ar + stride_a + c0;
         const TB* next_b = last || !two ? nullptr : br + stride_b + c0;
-        const bool scale = flags & SCALE;
-        auto run = two ? (scale ? leaf<true, true> : leaf<true, false>) : (scale ? leaf<false, true> : leaf<false, false>);
         leaves.push_back(run(ar + c0, br + c0, n, inv_t, flags, ea, eb, next_a, next_b));
       }
       const Leaf s = leaves.size() == 1 ? leaves[0] : merge(leaves, two);
@@ -487,28 +575,34 @@ void kl_backward(const TA* a, const TB* b, TA* grad_a, TB* grad_b, const float* 
 //   x = log P - log M = -log1p(z),  z = M/P - 1 = r (Q - P) / P     (and e^-x - 1 = z)
 //   y = log Q - log M = -log1p(z'), z' = M/Q - 1 = beta (P - Q) / Q
 // and the terms P g(x) = P (z - log1p(z)), Q g(y) = Q (z' - log1p(z')), each >= 0 (log1p_ gives z - log1p(z) with
-// nothing to cancel). Q - P is exact (Sterbenz) where it matters, for close P and Q. Where |d| < 1/2 the same four
-// quantities are power series in d, which need no log at all and keep every digit of a tiny divergence:
+// nothing to cancel). Q - P is exact (Sterbenz) where it matters, for close P and Q. Where |d| < 0.4 (the common
+// case: two policies that agree on most of the vocabulary) the same quantities are power series in d, which need no
+// log and keep every digit of a tiny divergence, and Q = P e^-d needs no second exponential:
 //   x(d) = -log(beta + r e^-d) = sum_n (-1)^(n+1) kappa_n d^n / n!    (kappa_n: the cumulants of Bernoulli(r))
-//   g(x(d)) = x + r (e^-d - 1),  g(y(d)) = x - d + beta (e^d - 1),
-// truncated after d^10 (relative error < 2e-8 at |d| = 1/2 for beta in [0.1, 0.9]; the series converge for |d| < pi).
+//   P g(x) = P d^2 Gp(d),  Gp = (x + r (e^-d - 1)) / d^2
+//   Q g(y) = P d^2 Hq(d),  Hq = e^-d (x - d + beta (e^d - 1)) / d^2
+// truncated after d^9 (relative error < 5e-8 at |d| = 0.4 for beta in [0.1, 0.9], 1.1e-7 at beta = 0.02; the series
+// converge for |d| < pi).
 
-constexpr int X_TERMS = 10;  // x(d) = d (x[0] + x[1] d + ... + x[9] d^9)
-constexpr int G_TERMS = 9;   // g(x(d)) = d^2 (gp[0] + gp[1] d + ... + gp[8] d^8), and gq for g(y(d))
-constexpr float SERIES_BELOW = 0.5f;
+constexpr int X_TERMS = 9;  // x(d) = d (x[0] + x[1] d + ... + x[8] d^8)
+constexpr int G_TERMS = 8;  // Gp(d) = gp[0] + gp[1] d + ... + gp[7] d^7, and Hq
+constexpr int E_TERMS = 9;  // e^-d = em[0] + em[1] d + ... + em[8] d^8 (|d| < 0.4: truncation < 1e-9)
+constexpr float SERIES_BELOW = 0.4f;
 
 struct Mixture {
   float beta, rest;
-  float x[X_TERMS], gp[G_TERMS], gq[G_TERMS];
+  float x[X_TERMS], gp[G_TERMS], hq[G_TERMS], em[E_TERMS];
 };
 
 // The mixture weights and the series' coefficients for this beta, computed in double.
 Mixture mixture(float beta_f) {
   const double beta = beta_f, r = 1.0 - beta;
+  constexpr int N = X_TERMS;
   // kappa_1 = r and kappa_(n+1) = r (1 - r) d kappa_n / dr, kept as polynomials in r
   std::vector<double> poly{0.0, 1.0};
-  double kappa[X_TERMS + 1] = {};
-  for (int n = 1; n <= X_TERMS; ++n) {
+  double kappa[N + 1] = {}, inv_factorial[N + 1] = {1.0};
+  for (int n = 1; n <= N; ++n) {
+    inv_factorial[n] = inv_factorial[n - 1] / n;
     double value = 0.0, power = 1.0;
     for (double c : poly) {
       value += c * power;
@@ -522,60 +616,74 @@ Mixture mixture(float beta_f) {
     }
     poly = next;
   }
+  // coefficients of d^n, n = 0..N: x(d), x(d) + r (e^-d - 1), x(d) - d + beta (e^d - 1), e^-d
+  double xs[N + 1] = {}, gp[N + 1] = {}, gq[N + 1] = {}, em[N + 1] = {};
+  for (int n = 0; n <= N; ++n) {
+    const double sign = n % 2 ? 1.0 : -1.0;
+    em[n] = -sign * inv_factorial[n];
+    if (n == 0) continue;
+    xs[n] = sign * kappa[n] * inv_factorial[n];
+    gp[n] = xs[n] + r * em[n];
+    gq[n] = xs[n] - (n == 1 ? 1.0 : 0.0) + beta * inv_factorial[n];
+  }
   Mixture m{};
   m.beta = beta_f;
   m.rest = static_cast<float>(r);
-  double factorial = 1.0;
-  for (int n = 1; n <= X_TERMS; ++n) {
-    factorial *= n;
-    const double sign = n % 2 ? 1.0 : -1.0;
-    m.x[n - 1] = static_cast<float>(sign * kappa[n] / factorial);
-    if (n >= 2) {
-      m.gp[n - 2] = static_cast<float>(sign * (kappa[n] - r) / factorial);
-      m.gq[n - 2] = static_cast<float>((sign * kappa[n] + beta) / factorial);
-    }
+  for (int n = 0; n < E_TERMS; ++n) m.em[n] = static_cast<float>(em[n]);
+  for (int n = 0; n < X_TERMS; ++n) m.x[n] = static_cast<float>(xs[n + 1]);
+  for (int n = 0; n < G_TERMS; ++n) {
+    // Gp's d^2 d^n coefficient; Hq's is that of the product of e^-d and gq (both series start at d^0 and d^2)
+    m.gp[n] = static_cast<float>(gp[n + 2]);
+    double h = 0.0;
+    for (int i = 2; i <= n + 2; ++i) h += gq[i] * em[n + 2 - i];
+    m.hq[n] = static_cast<float>(h);
   }
   return m;
 }
 
-// x = log P - log M and y = log Q - log M per lane, given d, P, Q (the gradient's need). Lanes where P = 0 (Q = 0)
-// may hold anything in x (y).
-inline void mixture_log_ratios(const Mixture& mx, const Vec& d, const Vec& p, const Vec& q, Vec& x, Vec& y) {
+// x = log P - log M and y = log Q - log M per lane, and Q; from d, P = exp_(la) and la_q = log Q's argument.
+// Lanes where P = 0 (Q = 0) may hold anything in x (y).
+inline void mixture_log_ratios(const Mixture& mx, const Vec& d, const Vec& p, const Vec& la_q, Vec& q, Vec& x,
+                               Vec& y) {
   const Mask small = lt(d.abs(), Vec(SERIES_BELOW));
-  const bool all_small = all_of(small);
-  if (!all_small) {
-    const Vec diff = q - p;
-    Vec log1p_z, gap;
-    log1p_(Vec(mx.rest) * diff / p, log1p_z, gap);
-    x = log1p_z.neg();
-    log1p_(Vec(-mx.beta) * diff / q, log1p_z, gap);
-    y = log1p_z.neg();
-  }
-  if (any_of(small)) {
+  if (all_of(small)) {
     // the series in d, exact to fp32 rounding however small d is; y = x - d loses nothing here (|y| ~ beta |d|)
+    q = p * horner<E_TERMS>(mx.em, d);
+    x = d * horner<X_TERMS>(mx.x, d);
+    y = x - d;
+    return;
+  }
+  q = exp_(la_q);
+  const Vec diff = q - p;
+  Vec log1p_z, gap;
+  log1p_(Vec(mx.rest) * diff / p, log1p_z, gap);
+  x = log1p_z.neg();
+  log1p_(Vec(-mx.beta) * diff / q, log1p_z, gap);
+  y = log1p_z.neg();
+  if (any_of(small)) {
     const Vec xs = d * horner<X_TERMS>(mx.x, d);
-    x = all_small ? xs : select(small, xs, x);
-    y = all_small ? xs - d : select(small, xs - d, y);
+    x = select(small, xs, x);
+    y = select(small, xs - d, y);
   }
 }
 
-// The two terms P g(x) and Q g(y) per lane, both >= 0; a lane where P = 0 (Q = 0) gives the limit M.
-inline void jsd_lane_terms(const Mixture& mx, const Vec& d, const Vec& p, const Vec& q, Vec& tp, Vec& tq) {
+// The two terms P g(x) and Q g(y) per lane, both >= 0, from d, P = exp_clamped(la) (never 0) and la_q.
+inline void jsd_lane_terms(const Mixture& mx, const Vec& d, const Vec& p, const Vec& la_q, Vec& tp, Vec& tq) {
   const Mask small = lt(d.abs(), Vec(SERIES_BELOW));
   const bool all_small = all_of(small);
   if (!all_small) {
-    const Vec zero(0.0f), diff = q - p;
-    const Vec m = at::vec::fmadd(Vec(mx.beta), p, Vec(mx.rest) * q);
+    // P, Q >= 2e-38 (exp_clamped): a -inf logit's P g(x) = r (Q - P) - P log1p(z) is M's r Q up to 1e-36, its
+    // Q g(y) that of a P = 0; a -inf column (P = Q = 2e-38) has z = z' = 0 and terms 0; z < 5e37 stays finite
+    const Vec q = exp_clamped(la_q), diff = q - p;
     Vec log1p_z, gap_x, gap_y;
     log1p_(Vec(mx.rest) * diff / p, log1p_z, gap_x);
     log1p_(Vec(-mx.beta) * diff / q, log1p_z, gap_y);
-    // P = 0 (a -inf logit, an underflow; both: a -inf column, d = NaN): the term's limit M
-    tp = select(eq(p, zero), m, p * gap_x);
-    tq = select(eq(q, zero), m, q * gap_y);
+    tp = p * gap_x;
+    tq = q * gap_y;
   }
   if (any_of(small)) {
-    const Vec d2 = d * d;
-    const Vec sp = p * d2 * horner<G_TERMS>(mx.gp, d), sq = q * d2 * horner<G_TERMS>(mx.gq, d);
+    const Vec pd2 = p * (d * d);
+    const Vec sp = pd2 * horner<G_TERMS>(mx.gp, d), sq = pd2 * horner<G_TERMS>(mx.hq, d);
     tp = all_small ? sp : select(small, sp, tp);
     tq = all_small ? sq : select(small, sq, tq);
   }
@@ -603,9 +711,8 @@ void jsd_terms(const TA* a, const TB* b, double* out, const float* vecs, int64_t
         Vec x = load(ar + j, c), y = load(br + j, c);
         x = scale ? x * it : x;
         y = scale ? y * it : y;
-        const Vec d = (x - y) - shift;
         Vec tp, tq;
-        jsd_lane_terms(mx, d, exp_(x - v_lse_a), exp_(y - v_lse_b), tp, tq);
+        jsd_lane_terms(mx, (x - y) - shift, exp_clamped(x - v_lse_a), y - v_lse_b, tp, tq);
         acc_p = acc_p + tp;
         acc_q = acc_q + tq;
       };
@@ -652,10 +759,9 @@ void jsd_grads(const TA* a, const TB* b, TA* grad_a, TB* grad_b, const float* ve
       Vec xa = load(ar + j, c), yb = load(br + j, c);
       xa = scale ? xa * it : xa;
       yb = scale ? yb * it : yb;
-      const Vec d = (xa - yb) - shift;
-      const Vec p = exp_(xa - v_lse_a), q = exp_(yb - v_lse_b);
-      Vec x, y;
-      mixture_log_ratios(mx, d, p, q, x, y);
+      const Vec p = exp_(xa - v_lse_a);
+      Vec q, x, y;
+      mixture_log_ratios(mx, (xa - yb) - shift, p, yb - v_lse_b, q, x, y);
       if (write_a) store(grad_a + r * cols + j, select(eq(p, zero), zero, coef_a * p * (x - kl_pm)), c);
       if (write_b) store(grad_b + r * cols + j, select(eq(q, zero), zero, coef_b * q * (y - kl_qm)), c);
     };
@@ -667,22 +773,48 @@ void jsd_grads(const TA* a, const TB* b, TA* grad_a, TB* grad_b, const float* ve
 
 // ============================================ top-k teacher ====================================================
 
-// fp32 elements per partial sum of the tail (added in double): the tail's log-sum-exp is compared with the ids'
-// logits directly, so its absolute error must stay far below 1e-6 (see accurate_lse in shardkl/_divergences.py)
-constexpr int64_t TOPK_BLOCK = 128;
-// a tail whose sum in the frame of the row's max is below this may have lost mass to underflow (exp_ flushes
-// values under 2e-38 to 0): it is summed again around its own max
+// a tail whose sum in the frame of the row's max is below this may have lost mass to underflow (exp_clamped
+// flushes values under 2e-38 up to 2e-38, a -inf logit included): it is summed again around its own max
 constexpr double TAIL_UNDERFLOW = 1e-20;
 
-// log-sum-exp of the n logits s (scaled by inv_t) where held[j] == 0 (every column if held is null), as eager's
+// The teacher's ids inside one leaf, as sorted leaf columns, walked by increasing column: the lanes of the vector at
+// j that are ids (there are K of them among thousands of vectors, so almost every vector has none).
+class Held {
+ public:
+  Held(const int64_t* cols, int64_t count) : cols_(cols), end_(cols + count) { next_ = count ? *cols : NONE; }
+  // whether the vector at column j holds an id; j increases by W from one vector to the next, from 0
+  bool at(int64_t j) const { return next_ < j + W; }
+  // the lanes of the vector at j that hold ids, after at(j) returned true; moves on to the next vector's ids
+  Mask lanes(int64_t j) {
+    const Vec iota = Vec::arange(0.0f, 1.0f);
+    Mask m = eq(iota, Vec(static_cast<float>(*cols_ - j)));
+    for (++cols_; cols_ < end_ && *cols_ < j + W; ++cols_) m = m | eq(iota, Vec(static_cast<float>(*cols_ - j)));
+    next_ = cols_ < end_ ? *cols_ : NONE;
+    return m;
+  }
+
+ private:
+  static constexpr int64_t NONE = std::numeric_limits<int64_t>::max() / 2;
+  const int64_t* cols_;
+  const int64_t* end_;
+  int64_t next_;
+};
+
+inline bool is_held(const int64_t* cols, int64_t count, int64_t& next, int64_t j) {
+  while (next < count && cols[next] < j) ++next;
+  return next < count && cols[next] == j;
+}
+
+// log-sum-exp of the n logits s (scaled by inv_t) outside the sorted columns `held` (count of them), as eager's
 // accurate_lse: NaN if one is NaN, +inf if one is +inf, -inf if all are -inf. Scalar: only for rows holding
 // +inf or without a finite logit.
 template <bool scale>
-double masked_lse_scalar(const TA* s, int64_t n, float inv_t, const float* held) {
+double masked_lse_scalar(const TA* s, int64_t n, float inv_t, const int64_t* held, int64_t count) {
   float m = -INF;
   bool nan = false;
+  int64_t next = 0;
   for (int64_t j = 0; j < n; ++j) {
-    if (held && held[j] != 0.0f) continue;
+    if (is_held(held, count, next, j)) continue;
     const float v = scale ? static_cast<float>(s[j]) * inv_t : static_cast<float>(s[j]);
     if (std::isnan(v)) nan = true;
     else m = std::max(m, v);
@@ -690,52 +822,51 @@ double masked_lse_scalar(const TA* s, int64_t n, float inv_t, const float* held)
   if (nan) return NaN;
   if (std::isinf(m)) return m;
   double sum = 0.0;
+  next = 0;
   for (int64_t j = 0; j < n; ++j) {
-    if (held && held[j] != 0.0f) continue;
+    if (is_held(held, count, next, j)) continue;
     const float v = scale ? static_cast<float>(s[j]) * inv_t : static_cast<float>(s[j]);
     sum += std::exp(static_cast<double>(v - m));
   }
   return m + std::log(sum);
 }
 
-// log-sum-exp of the n logits s where held[j] == 0, around the max of those columns; every one is finite or
-// -inf (the row's max was finite and the tail's sum was not NaN). Vectorised: a tail far below the ids is common
-// at low temperatures.
+// log-sum-exp of the n logits s outside the sorted columns `held`, around the max of those columns; every one is
+// finite or -inf (the row's max was finite and the tail's sum was not NaN). Vectorised: a tail far below the ids
+// is common at low temperatures.
 template <bool scale>
-double masked_lse(const TA* s, int64_t n, float inv_t, const float* held) {
-  const Vec it(inv_t), zero(0.0f), minus_inf(-INF);
-  Vec vm(-INF);
-  int64_t j = 0;
-  auto masked = [&](int64_t j, int64_t c) {
+double masked_lse(const TA* s, int64_t n, float inv_t, const int64_t* held, int64_t count) {
+  const Vec it(inv_t), minus_inf(-INF);
+  auto masked = [&](Held& h, int64_t j, int64_t c) {
     Vec x = load(s + j, c);
-    // the scratch past n is never read as a held mark: those lanes are -inf already
-    return select(eq(Vec::loadu(held + j), zero), scale ? x * it : x, minus_inf);
+    x = scale ? x * it : x;
+    return h.at(j) ? select(h.lanes(j), minus_inf, x) : x;
   };
-  for (; j + W <= n; j += W) vm = max_or_second(masked(j, W), vm);
-  if (j < n) vm = max_or_second(masked(j, n - j), vm);
+  Vec vm(-INF);
+  Held h1(held, count);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) vm = max_or_second(masked(h1, j, W), vm);
+  if (j < n) vm = max_or_second(masked(h1, j, n - j), vm);
   const float m = reduce_max(vm);
   if (m == -INF) return -INF;
   const Vec shift(m);
-  double sum = 0.0;
-  for (int64_t j0 = 0; j0 < n; j0 += TOPK_BLOCK) {
-    const int64_t j1 = std::min(n, j0 + TOPK_BLOCK);
-    Vec acc(0.0f);
-    for (j = j0; j + W <= j1; j += W) acc = acc + exp_(masked(j, W) - shift);
-    if (j < j1) acc = acc + exp_(masked(j, j1 - j) - shift);
-    sum += reduce_sum(acc);
-  }
-  return m + std::log(sum);
+  DoubleSum sum;
+  Held h2(held, count);
+  for (j = 0; j + W <= n; j += W) sum.add(exp_<true>(masked(h2, j, W) - shift));
+  if (j < n) sum.add(exp_<true>(masked(h2, j, n - j) - shift));
+  return m + std::log(sum.sum());
 }
 
 struct TopKLeaf {
   double lse, lse_excl;
 };
 
-// (lse, lse without the ids) of one leaf of n <= MAX_CHUNK columns starting at column c0 of the block; e: the
-// thread's scratch row (round_up(n, W) floats).
+// (lse, lse without the ids) of one leaf of n <= MAX_CHUNK columns; held: the sorted leaf columns of the ids.
+// Two passes: the max, then exp and the sums of the tail and of the ids' lanes, apart (nothing is subtracted).
+// next: the same columns of the next row, fetched into cache during pass 2 (which is compute-bound), or null.
 template <bool scale>
-TopKLeaf topk_leaf(const TA* s, int64_t n, int64_t c0, const int64_t* ids, int64_t k, float inv_t, float* e) {
-  const Vec it(inv_t);
+TopKLeaf topk_leaf(const TA* s, int64_t n, float inv_t, const int64_t* held, int64_t count, const TA* next) {
+  const Vec it(inv_t), zero(0.0f);
   // pass 1: the max, NaN ignored (a NaN turns the sums of pass 2 into NaN)
   Vec vm(-INF);
   int64_t j = 0;
@@ -750,65 +881,58 @@ TopKLeaf topk_leaf(const TA* s, int64_t n, int64_t c0, const int64_t* ids, int64
   const float m = reduce_max(vm);
   if (!std::isfinite(m)) {
     // +inf somewhere, or no finite logit: the conventions, column by column (rare)
-    std::fill(e, e + n, 0.0f);
-    for (int64_t i = 0; i < k; ++i) {
-      if (ids[i] >= c0 && ids[i] < c0 + n) e[ids[i] - c0] = 1.0f;
-    }
-    return {masked_lse_scalar<scale>(s, n, inv_t, nullptr), masked_lse_scalar<scale>(s, n, inv_t, e)};
+    return {masked_lse_scalar<scale>(s, n, inv_t, nullptr, 0), masked_lse_scalar<scale>(s, n, inv_t, held, count)};
   }
-  // pass 2: e = exp(s - max) into the scratch row
+  // pass 2: e = exp(s - max) summed over the tail in double; the ids' lanes summed apart (a -inf logit's 2e-38 is
+  // invisible in a sum whose max is 1, and a tail made of nothing else falls below TAIL_UNDERFLOW: it is then summed
+  // exactly)
   const Vec shift(m);
-  for (j = 0; j + W <= n; j += W) {
-    Vec x = load(s + j, W);
-    exp_((scale ? x * it : x) - shift).store(e + j);
-  }
-  if (j < n) {
-    Vec x = load(s + j, n - j);
-    exp_((scale ? x * it : x) - shift).store(e + j);
-  }
-  // the ids' columns taken out of the scratch row: the tail is then a sum of what is left, nothing subtracted
-  double held = 0.0;
-  for (int64_t i = 0; i < k; ++i) {
-    if (ids[i] >= c0 && ids[i] < c0 + n) {
-      held += e[ids[i] - c0];
-      e[ids[i] - c0] = 0.0f;
+  Held h(held, count);
+  const TA* pre = next ? next : s;
+  DoubleSum tail_sum;
+  double ids = 0.0;
+  auto body = [&](int64_t j, int64_t c) {
+    Vec x = load(s + j, c);
+    prefetch(pre + j);
+    Vec e = exp_clamped<true>((scale ? x * it : x) - shift);
+    if (h.at(j)) {
+      const Mask lanes = h.lanes(j);
+      ids += DoubleSum::of(select(lanes, e, zero));
+      e = select(lanes, zero, e);
     }
-  }
-  // pass 3: the tail's sum, from cache
-  double tail = 0.0;
-  for (int64_t j0 = 0; j0 < n; j0 += TOPK_BLOCK) {
-    const int64_t j1 = std::min(n, j0 + TOPK_BLOCK);
-    Vec acc(0.0f);
-    for (j = j0; j + W <= j1; j += W) acc = acc + Vec::loadu(e + j);
-    if (j < j1) acc = acc + Vec::loadu(e + j, j1 - j);
-    tail += reduce_sum(acc);
-  }
-  TopKLeaf out{m + std::log(tail + held), m + std::log(tail)};
-  if (tail < TAIL_UNDERFLOW) {
-    // the tail is far below the row's max (or empty): its own log-sum-exp, around its own max
-    std::fill(e, e + n, 0.0f);
-    for (int64_t i = 0; i < k; ++i) {
-      if (ids[i] >= c0 && ids[i] < c0 + n) e[ids[i] - c0] = 1.0f;
-    }
-    out.lse_excl = masked_lse<scale>(s, n, inv_t, e);
-  }
+    tail_sum.add(e);
+  };
+  for (j = 0; j + W <= n; j += W) body(j, W);
+  if (j < n) body(j, n - j);
+  const double tail = tail_sum.sum();
+  TopKLeaf out{m + std::log(tail + ids), m + std::log(tail)};
+  // the tail far below the row's max (or empty): its own log-sum-exp, around its own max
+  if (tail < TAIL_UNDERFLOW) out.lse_excl = masked_lse<scale>(s, n, inv_t, held, count);
   return out;
 }
 
 template <bool scale>
-void topk_stats(const TA* s, double* out, float* scratch, const int64_t* ids, int64_t k, int64_t rows, int64_t cols,
-                int64_t stride, float inv_t, int64_t threads) {
+void topk_stats(const TA* s, double* out, const int64_t* ids, int64_t k, int64_t rows, int64_t cols, int64_t stride,
+                float inv_t, int64_t threads) {
   const int64_t chunk = std::min(cols, MAX_CHUNK);
-  const int64_t padded = (chunk + W - 1) / W * W;
 #pragma omp parallel num_threads(threads)
   {
-    float* e = scratch + padded * omp_get_thread_num();
+    std::vector<int64_t> held;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       double lse = -INF, lse_excl = -INF;
       for (int64_t c0 = 0; c0 < cols; c0 += chunk) {
-        const TopKLeaf part = topk_leaf<scale>(s + r * stride + c0, std::min(chunk, cols - c0), c0, ids + r * k, k,
-                                               inv_t, e);
+        const int64_t n = std::min(chunk, cols - c0);
+        // the row's ids in this leaf, as sorted leaf columns (ids outside [0, cols) are in no leaf)
+        held.clear();
+        for (int64_t i = 0; i < k; ++i) {
+          const int64_t col = ids[r * k + i] - c0;
+          if (col >= 0 && col < n) held.push_back(col);
+        }
+        std::sort(held.begin(), held.end());
+        const TA* next = r + 1 == rows ? nullptr : s + (r + 1) * stride + c0;
+        const TopKLeaf part = topk_leaf<scale>(s + r * stride + c0, n, inv_t, held.data(),
+                                               static_cast<int64_t>(held.size()), next);
         lse = logaddexp(lse, part.lse);
         lse_excl = logaddexp(lse_excl, part.lse_excl);
       }
@@ -854,7 +978,7 @@ void topk_grads(const TA* s, TA* grad, const float* vecs, const int64_t* ids, in
 //   a, b: [rows, cols] logits with row strides stride_a, stride_b (the top-k passes read a only);
 //   grad_a, grad_b: [rows, cols] contiguous gradient outputs in the inputs' dtypes;
 //   out: float [num_stats, rows] (KL stats); out64: double [2, rows] (JSD terms, top-k stats);
-//   scratch: per-thread scratch rows; vecs: float per-row vectors of the pass; index: int64 token columns [rows]
+//   scratch: per-thread scratch rows (KL forward); vecs: float per-row vectors of the pass; index: int64 token columns [rows]
 //   (KL backward) or ids [rows, k] (top-k); beta: the JSD's mixture weight.
 extern "C" void kernel(int64_t mode, const void* a, const void* b, void* grad_a, void* grad_b, float* out,
                        double* out64, float* scratch, const float* vecs, const int64_t* index, int64_t rows,
@@ -883,8 +1007,7 @@ extern "C" void kernel(int64_t mode, const void* a, const void* b, void* grad_a,
                                                    rows, cols, stride_a, stride_b, inv_t, beta, flags, threads);
       break;
     case TOPK_STATS:
-      (scale ? topk_stats<true> : topk_stats<false>)(pa, out64, scratch, index, k, rows, cols, stride_a, inv_t,
-                                                     threads);
+      (scale ? topk_stats<true> : topk_stats<false>)(pa, out64, index, k, rows, cols, stride_a, inv_t, threads);
       break;
     case TOPK_GRADS:
       (scale ? topk_grads<true> : topk_grads<false>)(pa, static_cast<TA*>(grad_a), vecs, index, k, rows, cols,
