@@ -52,9 +52,13 @@ def main(argv: list[str]) -> int:
 
     from shardkl import CollectiveError, set_collective_timeout
     from shardkl.apps import runtime
+    from shardkl.apps.cli import refuse
     from shardkl.apps.experiment import format_table, run_rank
     from shardkl.apps.progress import StageLog
 
+    problem = runtime.backend_problem(config.backend)
+    if problem:
+        refuse(PROG, problem)
     run = runtime.start(config.backend, timeout_s=config.timeout_s, threads=options.threads)
     set_collective_timeout(config.timeout_s)
     log = StageLog(interval_s=options.progress_s) if run.rank == 0 else None

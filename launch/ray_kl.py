@@ -72,6 +72,8 @@ def main(argv: list[str], *, on_stage: Any = None) -> int:
         )
         if config.backend == "nccl" and not options.use_gpu:
             raise ConfigError("backend nccl needs --use-gpu")
+        if options.use_gpu:
+            _check_local_gpus(options)
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -129,6 +131,26 @@ def main(argv: list[str], *, on_stage: Any = None) -> int:
         timeline.mark("output")
         log.say(timeline.summary())
     return 0
+
+
+def _check_local_gpus(options: RayOptions) -> None:
+    """``use_gpu`` on this machine's own GPUs (local mode, or the embedded local instance): refuse it now if they are
+    too few, rather than wait for workers that cannot start. A cluster (``--address`` or ``RAY_ADDRESS``) is not
+    checked: its GPUs are elsewhere."""
+    from shardkl.apps.cli import ConfigError
+
+    local_mode = options.num_workers == 0
+    if not local_mode and (options.address or os.environ.get("RAY_ADDRESS")):
+        return
+    import torch
+
+    needed = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if local_mode else options.num_workers
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus < needed:
+        where, fix = ("local mode", "drop --use-gpu") if local_mode else (
+            "the embedded local Ray instance", "drop --use-gpu, or join a cluster with GPUs with --address")
+        raise ConfigError(f"use_gpu needs one GPU per worker: {needed} worker(s) in {where}, {gpus} CUDA device(s) "
+                          f"here; {fix}")
 
 
 def _finish(options: RayOptions, result: dict[str, Any], timeline: Any) -> None:

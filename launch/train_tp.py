@@ -49,13 +49,17 @@ class LaunchOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shardkl.apps.cli import parse_or_exit, require
+    from shardkl.apps import runtime
+    from shardkl.apps.cli import parse_or_exit, refuse, require
     from shardkl.apps.grpo import TPConfig
 
     argv = sys.argv[1:] if argv is None else argv
     config, options = parse_or_exit(
         [TPConfig, LaunchOptions], argv, prog=PROG, description=DESCRIPTION, epilog=EPILOG
     )
+    problem = runtime.backend_problem(options.backend)
+    if problem:
+        refuse(PROG, problem)
 
     require(PROG, "transformers", "the model needs transformers: pip install transformers")
     import dataclasses
@@ -66,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from shardkl import set_collective_timeout
-    from shardkl.apps import runtime
     from shardkl.apps.grpo import format_steps, parity_report, train
     from shardkl.apps.progress import StageLog
 

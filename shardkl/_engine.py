@@ -184,7 +184,7 @@ class Driver:
             # probabilities over the whole vocabulary: counted on the device, read with the metadata in one sync
             merged_lse = torch.logsumexp(per_token[:, list(lse_rows)], dim=0)
             columns = gathered[:, -num_meta + _validation.KEPT].sum()
-            reads.append(_validation.probability_rows(merged_lse, columns, self.temperature))
+            reads.append(_validation.probability_rows(merged_lse, columns, self.temperature).reshape(-1))
         host = torch.cat(reads).tolist()
         width = num_extra + num_meta
         rows_meta = [host[r * width + num_extra : (r + 1) * width] for r in range(world)]
@@ -194,8 +194,19 @@ class Driver:
             rows_meta, validate=self.spec.options.validate, shape=self.lead_shape, names=self.spec.names,
             offsets_used=offsets_used,
         )
-        _validation.warn_if_probabilities(rows_meta, host[world * width :], self.spec.names[: len(lse_rows)])
+        _validation.warn_if_probabilities(
+            rows_meta, host[world * width :], self.spec.names[: len(lse_rows)], self._in_unit_interval
+        )
         return Gathered(per_token, extra_rows, valid, world)
+
+    def _in_unit_interval(self, side: int) -> bool:
+        """Whether every finite value of side ``side``'s local logits lies in ``[0, 1]`` (never for hidden states)."""
+        source = self.a if side == 0 else self.b
+        x = None if source is None else source.logits
+        if x is None or x.numel() == 0:
+            return False
+        finite = torch.isfinite(x)
+        return bool(torch.where(finite, x, 0.0).amin() >= 0) and bool(torch.where(finite, x, 0.0).amax() <= 1)
 
     def all_reduce(self, x: Tensor, *, what: str) -> Tensor:
         """``x`` summed over the ranks of the group, in float64."""

@@ -15,6 +15,7 @@ import math
 import os
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,9 +55,11 @@ _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.flo
     FIRST_BAD,
     P_PROBABILITY_ROWS,  # rows whose log-sum-exp over this rank's slice says "probabilities" (see below)
     Q_PROBABILITY_ROWS,
+    P_MASS_ROWS,  # rows with a finite log-sum-exp over this rank's slice (the others: no mass, NaN, +inf)
+    Q_MASS_ROWS,
     NO_PROCESS_GROUP,  # WORLD_SIZE of an environment that launched several ranks without a process group, else 0
-) = range(27)
-NUM_META = 27
+) = range(29)
+NUM_META = 29
 
 # the hash of the token ids, modulo a prime below 2**31 (products of two residues fit in int64, sums stay exact)
 _HASH_PRIME = 2_147_483_629
@@ -95,21 +98,23 @@ def token_hash(tokens: Tensor) -> Tensor:
 
 
 def probability_rows(lse: Tensor, columns: int | Tensor, temperature: float) -> Tensor:
-    """``[inputs]`` float64 counts of the rows of ``lse`` (``[inputs, rows]``, log-sum-exps of ``x / T`` over
-    ``columns`` columns) that look like probabilities; on the device, no host sync (``columns`` may be a 0-d tensor).
+    """``[2, inputs]`` float64 counts, on the device (no host sync; ``columns`` may be a 0-d tensor there): per input
+    (a row of ``lse``, ``[inputs, rows]`` log-sum-exps of ``x / T`` over ``columns`` columns), the rows that look like
+    probabilities, and the rows with mass (a finite log-sum-exp).
 
     With ``p_v`` in ``[0, 1]`` summing to 1, convexity of ``exp`` on ``[0, 1/T]`` gives ``1 + p/T <= exp(p/T) <=
     1 + p (e^(1/T) - 1)``, so ``log(n + 1/T) <= lse <= log(n + e^(1/T) - 1)``: a band of width ~0.72/n just above
-    ``log n``, which real logits (whose log-sum-exp is set by their largest values) essentially never hit. It is
-    widened by a quarter of its distance to ``log n`` (the all-zero row) to absorb the rounding of the lse.
+    ``log n``, which real logits (whose log-sum-exp is set by their largest values) hit only by chance
+    (:func:`warn_if_probabilities` confirms). It is widened by the rounding of an fp32 log-sum-exp, and never by more
+    than a quarter of its distance to ``log n`` (the all-zero row).
     """
     n = torch.as_tensor(columns, dtype=torch.float64, device=lse.device)
     inv_t = 1.0 / temperature
     lo, hi = torch.log(n + inv_t), torch.log(n + math.expm1(inv_t))
-    slack = 0.25 * (lo - torch.log(n))
+    slack = torch.minimum(0.25 * (lo - torch.log(n)), 4 * torch.finfo(torch.float32).eps * hi.abs())
     x = lse.to(torch.float64)
     inside = (x >= lo - slack) & (x <= hi + slack) & (n >= 3)
-    return inside.sum(dim=-1).to(torch.float64)
+    return torch.stack((inside.sum(dim=-1), torch.isfinite(x).sum(dim=-1))).to(torch.float64)
 
 
 def local_meta(info: CallInfo, lse: Tensor, tokens: Tensor | None, mask: Tensor | None) -> Tensor:
@@ -161,8 +166,11 @@ def local_meta(info: CallInfo, lse: Tensor, tokens: Tensor | None, mask: Tensor 
         out[[TOKEN_SUM, TOKEN_HASH]] = torch.stack((tokens.to(torch.float64).sum(), token_hash(tokens)))
     if mask is not None and mask.numel() and mask.dtype != torch.bool:
         out[MASK_BAD] = ((mask != 0) & (mask != 1)).sum().to(torch.float64)
-    # probabilities passed as logits, or a softmax taken over this rank's slice: any row, either input
-    out[[P_PROBABILITY_ROWS, Q_PROBABILITY_ROWS][: lse.shape[0]]] = probability_rows(lse, info.kept, info.temperature)
+    # probabilities passed as logits, or a softmax taken over this rank's slice: any rows, either input
+    counts = probability_rows(lse, info.kept, info.temperature)
+    inputs = lse.shape[0]
+    out[[P_PROBABILITY_ROWS, Q_PROBABILITY_ROWS][:inputs]] = counts[0]
+    out[[P_MASS_ROWS, Q_MASS_ROWS][:inputs]] = counts[1]
     return out
 
 
@@ -326,24 +334,35 @@ def warn_if_no_process_group(world: int) -> None:
 _warned_probabilities = False
 
 
-def warn_if_probabilities(meta: list[list[float]], global_rows: list[float], names: tuple[str, ...]) -> None:
-    """Warn once per process when any row of an input looks like probabilities rather than logits: over one
-    rank's slice (a softmax taken per slice, or probabilities of the whole vocabulary on one rank), or over the
-    whole vocabulary (``global_rows``: counts per input after the merge of the ranks)."""
+def warn_if_probabilities(
+    meta: list[list[float]],
+    global_rows: list[float],
+    names: tuple[str, ...],
+    in_unit_interval: Callable[[int], bool],
+) -> None:
+    """Warn once per process when an input looks like probabilities rather than logits: over one rank's slice (a
+    softmax taken per slice, or probabilities of the whole vocabulary on one rank), or over the whole vocabulary.
+
+    The log-sum-exps flag the rows (:func:`probability_rows`: ``meta`` per rank, ``global_rows`` after the merge of
+    the ranks, empty on one rank); a flagged input is then confirmed on this rank by one look at its values, which
+    must all lie in ``[0, 1]`` (``in_unit_interval(i)`` for input ``i``): real logits whose log-sum-exp falls into the
+    band by chance (a tiny model over a tiny vocabulary) never pass that, and the look is paid only when flagged.
+    """
     global _warned_probabilities
     if _warned_probabilities:
         return
-    for i, (index, name) in enumerate(zip((P_PROBABILITY_ROWS, Q_PROBABILITY_ROWS), names, strict=False)):
-        ranks = [r for r, row in enumerate(meta) if row[index] > 0]
-        whole = i < len(global_rows) and global_rows[i] > 0
-        if not ranks and not whole:
+    inputs = len(global_rows) // 2
+    for i, (band, name) in enumerate(zip((P_PROBABILITY_ROWS, Q_PROBABILITY_ROWS), names, strict=False)):
+        ranks = [r for r, row in enumerate(meta) if row[band] > 0]
+        whole = i < inputs and global_rows[i] > 0
+        if not (ranks or whole) or not in_unit_interval(i):
             continue
         if whole:
             where = f"{int(global_rows[i])} row(s) of {name} look like probabilities over the whole vocabulary"
         else:
             where = (
                 f"{name} looks like probabilities over the vocabulary slice of rank(s) {ranks} "
-                f"({int(max(meta[r][index] for r in ranks))} row(s))"
+                f"({int(max(meta[r][band] for r in ranks))} row(s))"
             )
         _warned_probabilities = True
         warnings.warn(

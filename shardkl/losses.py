@@ -95,9 +95,10 @@ def penalty_from_stats(
     if clamp is not None:
         value = value.clamp(-clamp, clamp)
     if name.endswith("+"):
-        # straight-through: the forward value is the estimator, the gradient is k2's (unbiased for on-policy x)
+        # straight-through: the forward value is the estimator's, exactly (k2 - k2.detach() is exactly 0 where k2 is
+        # finite), and the gradient is that of k2 from the unclamped log r (unbiased for on-policy x), as in verl
         surrogate = estimators.from_log_ratio(log_ratio, "k2")
-        value = surrogate + (value - surrogate).detach()
+        value = value.detach() + (surrogate - surrogate.detach())
     return value
 
 
@@ -172,23 +173,25 @@ class GRPOLoss(NamedTuple):
 
 
 def _advantages(advantages: object, shape: torch.Size) -> Tensor:
-    """Per-token advantages: ``[...]`` as the tokens, or one per sequence (``[...]`` without the last dimension,
-    or with a trailing 1), broadcast over the sequence."""
+    """Per-token advantages from exactly one of three shapes: ``[...]`` as the tokens, or one per sequence, the
+    tokens' shape without the last dimension or with a trailing 1 (broadcast over the sequence). A shape that merely
+    broadcasts (``[T]`` for ``[B, T]`` tokens) is refused: it would silently apply one row to every sequence."""
     if not isinstance(advantages, Tensor):
         raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
-    if len(shape) >= 1 and advantages.shape == shape[:-1]:
-        advantages = advantages.unsqueeze(-1)
-    try:
-        broadcastable = torch.broadcast_shapes(advantages.shape, shape) == shape
-    except RuntimeError:
-        broadcastable = False
-    if not broadcastable:
-        per_sequence = (*shape[:-1], 1) if shape else ()
-        raise ValueError(
-            f"advantages must be per token {tuple(shape)} or per sequence {tuple(shape[:-1])} or "
-            f"{per_sequence}, got {tuple(advantages.shape)}"
-        )
-    return advantages
+    per_token = tuple(shape)
+    if advantages.shape == per_token:
+        return advantages
+    if not per_token:
+        raise ValueError(f"advantages must be per token (), as the tokens, got {tuple(advantages.shape)}")
+    without_last, trailing_one = per_token[:-1], (*per_token[:-1], 1)
+    if advantages.shape == trailing_one:
+        return advantages
+    if advantages.shape == without_last:
+        return advantages.unsqueeze(-1)
+    raise ValueError(
+        f"advantages must be per token {per_token} or per sequence {without_last} or {trailing_one}, got "
+        f"{tuple(advantages.shape)} (exactly one of these three shapes: one that merely broadcasts is refused)"
+    )
 
 
 def grpo_loss(
@@ -214,7 +217,8 @@ def grpo_loss(
     Args:
         p_logits, q_logits, tokens: as in :func:`kl_penalty`; ``tokens`` are the sampled responses.
         advantages: per-token ``[...]`` (the tokens' shape) or per-sequence advantages: the tokens' shape without
-            the last dimension (``[B]`` for ``[B, T]`` tokens) or with a trailing 1 (``[B, 1]``).
+            the last dimension (``[B]`` for ``[B, T]`` tokens) or with a trailing 1 (``[B, 1]``). Exactly one of
+            these three shapes: one that merely broadcasts (``[T]`` for ``[B, T]`` tokens) raises ``ValueError``.
         kl_coef: the KL coefficient (β in the GRPO paper).
         estimator, group, layout, mask, reduction, clamp, log_ratio_clamp, temperature, valid_vocab_size, options:
             as in :func:`kl_penalty`; both terms are aggregated with the same ``reduction`` and ``mask``.

@@ -56,8 +56,16 @@ def bucket_reference(
 ) -> torch.Tensor:
     """KL over K + 1 buckets from the full student softmax: ``Σ_b T_b log(T_b/S_b)`` (forward) or
     ``Σ_b S_b log(S_b/T_b)`` (reverse), the tail's student mass a log-sum-exp over the other ids, the teacher's
-    ``1 − Σ exp(t)``."""
+    ``1 − Σ exp(t)``.
+
+    With K = V there is no tail, and the teacher's log-probs (which sum to 1 only up to their rounding) are
+    normalised: the KL between the two full distributions, as shardkl takes a tail within rounding to be empty.
+    """
     log_s_all = F.log_softmax(student_logits.double() / temperature, -1)
+    if teacher_ids.shape[-1] == student_logits.shape[-1]:
+        t_full = teacher_logprobs.double() - torch.logsumexp(teacher_logprobs.double(), -1, keepdim=True)
+        log_s_ids = log_s_all.gather(-1, teacher_ids)
+        return _xlogy_sum(t_full, log_s_ids) if direction == "forward" else _xlogy_sum(log_s_ids, t_full)
     log_s_ids = log_s_all.gather(-1, teacher_ids)
     in_topk = torch.zeros_like(log_s_all, dtype=torch.bool).scatter(-1, teacher_ids, True)
     log_s_tail = torch.logsumexp(log_s_all.masked_fill(in_topk, float("-inf")), -1, keepdim=True)

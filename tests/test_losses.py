@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -97,6 +98,47 @@ def test_straight_through_kinds_have_the_estimator_value_and_the_k2_gradient() -
         torch.testing.assert_close(grads[kind][1], grads["k2"][1], rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("clamps", [{}, {"clamp": 0.05}, {"log_ratio_clamp": 0.5}])
+def test_straight_through_value_is_the_estimator_to_the_last_bit_in_float32(clamps: dict[str, float]) -> None:
+    # k2 + (k - k2).detach() rounds the value to k2's ulp (0.040771 for 0.040818); the value must be k's own bits
+    g = torch.Generator().manual_seed(0)
+    a = 2 * torch.randn(64, 8, 300, generator=g)
+    b = a + 1.5 * torch.randn(64, 8, 300, generator=g)
+    tokens = torch.randint(0, 300, (64, 8), generator=g)
+    for kind in ("k1", "k3"):
+        value = shardkl.kl_penalty(a, b, tokens, estimator=kind, reduction="none", **clamps)
+        straight = shardkl.kl_penalty(a, b, tokens, estimator=f"{kind}+", reduction="none", **clamps)
+        assert straight.dtype == torch.float32
+        assert torch.equal(straight, value), f"{kind}+: {(straight != value).sum()} values differ from {kind}'s"
+        x = a.clone().requires_grad_()
+        shardkl.kl_penalty(x, b, tokens, estimator=f"{kind}+", reduction="sum", **clamps).backward()
+        k2 = a.clone().requires_grad_()
+        shardkl.kl_penalty(k2, b, tokens, estimator="k2", reduction="sum").backward()
+        assert torch.equal(x.grad, k2.grad), f"{kind}+: the gradient must be exactly k2's, unclamped"
+
+
+def test_log_ratio_clamp_acts_on_both_sides_and_the_straight_through_gradient_ignores_it() -> None:
+    # token 0 of row 0: log r = log π_ref(0) - log π(0) = +39.6; row 1: log r = -39.6
+    a = torch.tensor([[-40.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    b = torch.tensor([[0.0, 0.0, 0.0], [-40.0, 0.0, 0.0]], dtype=torch.float64)
+    tokens = torch.tensor([0, 0])
+    ref = reference(a, b, tokens)
+    log_ratio = ref["q_logprobs"] - ref["p_logprobs"]
+    assert log_ratio[0] > 39 and log_ratio[1] < -39
+    for kind in ("k1", "k2", "k3"):
+        got = shardkl.kl_penalty(a, b, tokens, estimator=kind, reduction="none", log_ratio_clamp=5.0)
+        expected = shardkl.estimators.from_log_ratio(log_ratio.clamp(-5.0, 5.0), kind)  # type: ignore[arg-type]
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=f"{kind}: the clamp must bite on both sides")
+    # the clamp bites on both rows, yet the + estimators' gradient is k2's from the unclamped log r (not zero)
+    k2 = a.clone().requires_grad_()
+    shardkl.kl_penalty(k2, b, tokens, estimator="k2", reduction="sum").backward()
+    assert (k2.grad.abs() > 1).all(dim=-1).any()
+    for kind in ("k1+", "k3+"):
+        x = a.clone().requires_grad_()
+        shardkl.kl_penalty(x, b, tokens, estimator=kind, reduction="sum", log_ratio_clamp=5.0).backward()
+        torch.testing.assert_close(x.grad, k2.grad, rtol=0, atol=0, msg=f"{kind}: gradient from the clamped log r")
+
+
 def test_clamps_as_in_verl() -> None:
     a = torch.tensor([[-40.0, 0.0, 0.0]], dtype=torch.float64)
     b = torch.tensor([[0.0, 0.0, 0.0]], dtype=torch.float64)  # log r = log π_ref(0) - log π(0) = 39.6
@@ -184,6 +226,29 @@ def test_grpo_loss_terms() -> None:
     torch.testing.assert_close(per_sequence.loss, out.loss)
     with pytest.raises(ValueError, match=r"advantages must be per token \(4, 6\) or per sequence \(4,\) or \(4, 1\)"):
         shardkl.grpo_loss(a, b, tokens, torch.zeros(5), kl_coef=0.1)
+
+
+def test_grpo_advantages_take_exactly_three_shapes_and_refuse_what_merely_broadcasts() -> None:
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(4, 6, 25, generator=g, dtype=torch.float64)
+    b = torch.randn(4, 6, 25, generator=g, dtype=torch.float64)
+    tokens = torch.randint(0, 25, (4, 6), generator=g)
+    per_sequence = torch.randn(4, generator=g, dtype=torch.float64)
+    expected = shardkl.grpo_loss(a, b, tokens, per_sequence[:, None].expand(4, 6).clone(), kl_coef=0.1).policy_loss
+    for accepted in (per_sequence, per_sequence[:, None]):
+        got = shardkl.grpo_loss(a, b, tokens, accepted, kl_coef=0.1).policy_loss
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    listed = r"per token \(4, 6\) or per sequence \(4,\) or \(4, 1\), got "
+    # [T] (per position), [1, T], [1], a scalar and [B, T, 1] all broadcast against [B, T] tokens: each is refused
+    for shape in ((6,), (1, 6), (1,), (), (4, 6, 1), (1, 1)):
+        with pytest.raises(ValueError, match=listed + re.escape(str(shape))):
+            shardkl.grpo_loss(a, b, tokens, torch.zeros(shape, dtype=torch.float64), kl_coef=0.1)
+    # one sequence of tokens [T]: per token [T], per sequence () or [1]
+    row = shardkl.grpo_loss(a[0], b[0], tokens[0], per_sequence[0], kl_coef=0.1).policy_loss
+    torch.testing.assert_close(shardkl.grpo_loss(a[0], b[0], tokens[0], per_sequence[:1], kl_coef=0.1).policy_loss,
+                               row, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"per token \(6,\) or per sequence \(\) or \(1,\), got \(1, 6\)"):
+        shardkl.grpo_loss(a[0], b[0], tokens[0], torch.zeros(1, 6, dtype=torch.float64), kl_coef=0.1)
 
 
 def _check_kinds_sharded(rank: int, world: int) -> None:

@@ -21,7 +21,14 @@ def test_the_readme_has_snippets() -> None:
     assert len(BLOCKS) >= 3
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def _under_torchrun(index: int) -> bool:
+    return "torchrun" in BLOCKS[index][0]
+
+
+# a snippet run under torchrun starts a process per rank: in `pytest -m slow`
+@pytest.mark.parametrize(
+    "index", [pytest.param(i, marks=pytest.mark.slow) if _under_torchrun(i) else i for i in range(len(BLOCKS))]
+)
 def test_snippet_runs_as_pasted(index: int, tmp_path: Path) -> None:
     before, code = BLOCKS[index]
     named = re.search(r"Save this as\s+`([^`]+)`\s+and\s+run\s+`([^`]+)`", before.replace("\n", " "))
@@ -40,6 +47,7 @@ def test_snippet_runs_as_pasted(index: int, tmp_path: Path) -> None:
     assert done.stdout.strip(), "the snippet printed nothing"
 
 
+@pytest.mark.slow  # the Quickstart's launcher under torchrun
 def test_quickstart_output_is_what_the_launcher_prints() -> None:
     shown = re.search(r"```\n(shardkl exact KL .*?)```", README, flags=re.S)
     assert shown, "the README shows the launcher's output"

@@ -182,6 +182,7 @@ def _rank_pid(root: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow  # a launcher under torchrun
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the rank's process")
 def test_killing_one_rank_of_a_torchrun_job_ends_the_job() -> None:
     root = Path(__file__).resolve().parents[1]

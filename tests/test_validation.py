@@ -7,8 +7,10 @@ import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import shardkl
+from tests._distributed import run_ranks
 from tests.reference import reference
 
 
@@ -206,8 +208,9 @@ def _probabilities(vocab: int = 1000, rows: int = 6, seed: int = 0) -> torch.Ten
 @pytest.mark.parametrize(
     ("call", "name"),
     [
-        # P as probabilities, in one row only (row 4)
-        (lambda p, logits: shardkl.exact_kl(torch.cat([logits[:4], p[4:5], logits[5:]]), logits), "p_logits"),
+        # P as probabilities, its first row a masked one (all -inf: the old check read only that row)
+        (lambda p, logits: shardkl.exact_kl(torch.cat([torch.full((1, 1000), -math.inf), p[1:]]), logits),
+         "p_logits"),
         # Q as probabilities (KL 0.498 for 0.126 before), and at a temperature
         (lambda p, logits: shardkl.exact_kl(logits, p), "q_logits"),
         (lambda p, logits: shardkl.jsd(logits, p, temperature=0.7), "q_logits"),
@@ -216,7 +219,7 @@ def _probabilities(vocab: int = 1000, rows: int = 6, seed: int = 0) -> torch.Ten
          "student_logits"),
     ],
 )
-def test_probabilities_passed_as_logits_warn_for_any_row_and_either_input(call, name) -> None:
+def test_probabilities_passed_as_logits_warn_for_either_input_whatever_the_first_row(call, name) -> None:
     p = _probabilities()
     logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(1))
     with pytest.warns(UserWarning, match=f"{name}.*look like probabilities|{name} looks like probabilities"):
@@ -232,9 +235,36 @@ def test_logits_that_are_not_probabilities_never_warn() -> None:
         torch.log_softmax(torch.randn(8, 1000, generator=g), -1),  # log-probabilities are fine
         torch.randn(8, 1000, generator=g) * 1e-3,
         torch.rand(8, 1000, generator=g),  # in [0, 1] but not summing to 1
+        torch.randn(8, 64, generator=g) * 0.2,  # a tiny vocabulary of a tiny model: some rows fall into the band
     ]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for x in cases:
             shardkl.exact_kl(x, x.flip(0))
             shardkl.entropy(x, temperature=0.5)
+
+
+def _probabilities_on_ranks(rank: int, world: int) -> None:
+    from shardkl import _validation
+
+    layout = shardkl.VocabLayout.split(1000, dist.group.WORLD)
+    cols = slice(layout.start, layout.stop)
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(1))
+    p = _probabilities()
+    # probabilities of the whole vocabulary, sharded: no slice looks like probabilities, the merged rows do
+    _validation._warned_probabilities = False
+    with pytest.warns(UserWarning, match="q_logits look like probabilities over the whole vocabulary"):
+        shardkl.exact_kl(logits[:, cols], p[:, cols], layout=layout)
+    # a softmax taken over each rank's slice
+    _validation._warned_probabilities = False
+    with pytest.warns(UserWarning, match=r"p_logits looks like probabilities over the vocabulary slice of rank\(s\)"):
+        shardkl.exact_kl(torch.softmax(logits[:, cols], -1), logits[:, cols], layout=layout)
+    # logits: nothing
+    _validation._warned_probabilities = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shardkl.exact_kl(logits[:, cols], logits.flip(0)[:, cols], layout=layout)
+
+
+def test_probabilities_are_caught_over_the_whole_vocabulary_and_over_each_ranks_slice() -> None:
+    run_ranks(_probabilities_on_ranks, 2)

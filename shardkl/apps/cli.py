@@ -22,7 +22,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, NoReturn, get_type_hints
 
 from jsonargparse import ArgumentError, ArgumentParser, set_parsing_settings
 
@@ -130,8 +130,14 @@ def parse_or_exit(
     try:
         return parse_config(sections, argv, prog=prog, description=description, epilog=epilog)
     except ConfigError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        refuse(prog, str(exc))
+
+
+def refuse(prog: str, message: str) -> NoReturn:
+    """``PROG: error: MESSAGE`` on stderr and exit status 2: an option that cannot run here, refused as a bad
+    configuration is (before any process group)."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def require(prog: str, module: str, hint: str) -> None:
@@ -191,4 +197,4 @@ def parse_config(
     return instances
 
 
-__all__ = ["ConfigError", "build_parser", "parse_config"]
+__all__ = ["ConfigError", "build_parser", "parse_config", "parse_or_exit", "refuse", "require"]

@@ -22,8 +22,11 @@ from shardkl.layout import VocabLayout
 from shardkl.linear import LinearLogits
 from shardkl.losses import Estimator, GRPOLoss, grpo_loss
 from shardkl.parallel import ColumnParallelLMHead
-from shardkl.reduction import Reduction
 from shardkl.sampling import sample_tokens
+
+# how the loss aggregates its per-token terms: every reduction of shardkl.reduce_tokens but "none", which leaves one
+# loss per token and nothing to step on (--help offers only these)
+LossReduction = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm", "sum"]
 
 
 class TensorParallelCausalLM(nn.Module):
@@ -81,8 +84,8 @@ class TPConfig:
     """weight of the KL term in the loss (beta in the GRPO paper)"""
     estimator: Estimator = "exact"
     """KL estimate in the loss: exact (over the full vocabulary) or a sampled estimator"""
-    reduction: Reduction = "token_mean"
-    """how per-token terms are aggregated into the loss"""
+    reduction: LossReduction = "token_mean"
+    """how per-token terms are aggregated into the one loss of a step"""
     pad_multiple: int = 8
     """the lm_head rows of each rank are padded to a multiple of this"""
     seed: int = 0
@@ -337,6 +340,7 @@ def train(
 
 __all__ = [
     "STEP_COLUMNS",
+    "LossReduction",
     "StepResult",
     "TPConfig",
     "TensorParallelCausalLM",

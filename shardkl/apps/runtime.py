@@ -59,6 +59,19 @@ class Runtime:
     threads: int
 
 
+def backend_problem(backend: str) -> str | None:
+    """Why ``backend`` cannot run this process here, in one line, or ``None``: nccl needs one GPU per rank on this
+    machine (one, for a single process). Launchers check it before any process group exists."""
+    if backend != "nccl":
+        return None
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus < local_world:
+        return (f"backend nccl needs one GPU per rank on this machine: {local_world} rank(s), {gpus} CUDA device(s); "
+                "use gloo (or auto)")
+    return None
+
+
 def start(backend: Backend = "auto", *, timeout_s: float = 120.0, threads: int = 0) -> Runtime:
     """Set the thread count and, under torchrun with more than one rank, create the process group.
 
@@ -105,4 +118,4 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     return out
 
 
-__all__ = ["Backend", "Runtime", "finish", "start", "threads_per_rank", "usable_cpus", "write_json"]
+__all__ = ["Backend", "Runtime", "backend_problem", "finish", "start", "threads_per_rank", "usable_cpus", "write_json"]

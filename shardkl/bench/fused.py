@@ -100,7 +100,7 @@ def _calls(inputs: dict[str, torch.Tensor], layout: VocabLayout) -> dict[tuple[s
 
 
 def measure_fused_point(point: FusedPoint, reps: int, group: Any, device: torch.device, info: dict[str, Any],
-                        huge_pages: bool) -> list[Row]:
+                        huge_pages: bool, run: str = "") -> list[Row]:
     """Every method and pass of ``point`` on this rank (all ranks call it together), as benchmark rows."""
     _, world = rank_and_size(group)
     layout = VocabLayout.split(point.vocab, group, "balanced")
@@ -142,7 +142,8 @@ def measure_fused_point(point: FusedPoint, reps: int, group: Any, device: torch.
             device=device.type, median_s=statistics.median(times), p20_s=_percentile(times, 0.2),
             p80_s=_percentile(times, 0.8), min_s=min(times), max_s=max(times), reps=len(times), inner=1,
             floor_s=floor_s, peak_extra_bytes=peak, input_bytes=logits_bytes, collectives=collectives,
-            bytes_sent_per_rank=sent, load_avg=load, huge_pages=huge_pages, hidden=point.hidden, machine=info,
+            bytes_sent_per_rank=sent, load_avg=load, huge_pages=huge_pages, hidden=point.hidden, floor="linear:matmuls",
+            run=run, machine=info,
         ))
     return rows
 

@@ -73,12 +73,14 @@ def hbm_bandwidth(device_name: str) -> float | None:
 
 @dataclass(frozen=True)
 class Point:
-    """One shape of the sweep; ``full``: time forward+backward too (else forward only)."""
+    """One shape of the sweep; ``full``: time forward+backward too (else forward only); ``divergences``: add the
+    ``jsd`` and ``topk_kl`` rows (:mod:`shardkl.bench.methods`)."""
 
     tokens: int
     vocab: int
     dtype: str
     full: bool = True
+    divergences: bool = False  # also time shardkl.jsd and shardkl.topk_kl (one rank)
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ class Config:
     huge_pages: bool
     label: str = ""
     fused_points: tuple[Any, ...] = ()  # shardkl.bench.fused.FusedPoint
+    run: str = ""  # the run's id, written into every row
+    divergence_impls: tuple[str, ...] = ("auto",)  # the jsd and topk_kl rows of the headline point
 
 
 @dataclass
@@ -113,15 +117,17 @@ class Row:
     max_s: float
     reps: int
     inner: int
-    floor_s: float
+    floor_s: float  # the median time of the method named by floor, at the same point
     peak_extra_bytes: int | None
-    input_bytes: int
+    input_bytes: int  # what the memory share refers to: both inputs, or the student's logits (reads="student")
     collectives: int
     bytes_sent_per_rank: int
     load_avg: float
     huge_pages: bool
     error: str = ""
     hidden: int = 0  # the hidden size, for the fused-linear rows (shardkl.bench.fused)
+    floor: str = "floor"  # the method whose time the ratio refers to (student_floor for topk_kl)
+    run: str = ""  # the id of the run that measured it (its folder's name)
     machine: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -246,24 +252,28 @@ def measure_point(point: Point, config: Config, group: Any, info: dict[str, Any]
     device = torch.device(config.device)
     a, b = methods_.inputs(point.tokens, point.vocab, rank, world, DTYPES[point.dtype], device)
     x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
-    input_bytes = a.numel() * a.element_size() + b.numel() * b.element_size()
-    table = methods_.methods(list(config.impls), world, group)
+    size = {"both": a.numel() * a.element_size() + b.numel() * b.element_size(),
+            "student": a.numel() * a.element_size()}
+    teacher = methods_.topk_teacher(b) if point.divergences and world == 1 and config.divergence_impls else None
+    table = methods_.methods(list(config.impls), world, group, teacher=teacher,
+                             divergence_impls=config.divergence_impls)
+    floors = {m.floor for m in table.values()}
     if not point.full:
-        table = {k: v for k, v in table.items() if k == "floor" or k.startswith("shardkl[")}
+        table = {k: m for k, m in table.items() if k in floors or "[" in k}
 
     calls: dict[tuple[str, str], Callable[[], Any]] = {}
     for name, method in table.items():
 
-        def forward(method: methods_.Method = method) -> Any:
+        def forward(fn: methods_.Fn = method.fn) -> Any:
             with torch.no_grad():
-                return method(a, b)
+                return fn(a, b)
 
-        def both(method: methods_.Method = method) -> None:
+        def both(fn: methods_.Fn = method.fn) -> None:
             x.grad = y.grad = None
-            method(x, y).sum().backward()
+            fn(x, y).sum().backward()
 
         calls[(name, "forward")] = forward
-        if point.full and name not in methods_.FORWARD_ONLY:
+        if point.full and not method.forward_only:
             calls[(name, "forward+backward")] = both
 
     counted: dict[tuple[str, str], tuple[int, int]] = {}
@@ -301,11 +311,13 @@ def measure_point(point: Point, config: Config, group: Any, info: dict[str, Any]
             _sync(device)
             samples[key].append((time.perf_counter() - start) / inner[key])
 
-    floor_s = statistics.median(samples[("floor", "forward")])
+    floor_s = {name: statistics.median(samples[(name, "forward")]) for name in floors}
     rows = []
     load = os.getloadavg()[0]
     for key in calls:
         name, passes = key
+        method = table[name]
+        input_bytes = size[method.reads]
         peak: int | None = None
         if key in errors:
             times = [math.nan]
@@ -320,16 +332,16 @@ def measure_point(point: Point, config: Config, group: Any, info: dict[str, Any]
                 warnings.warn(f"no memory figure for {name} {passes}: {type(exc).__name__}", RuntimeWarning,
                               stacklevel=2)
             if peak is not None and passes == "forward+backward":
-                # the gradients themselves (two input-sized tensors) are outputs, not overhead
+                # the gradients themselves (of each input read: the same bytes) are outputs, not overhead
                 peak = max(0, peak - input_bytes)
         collectives, sent = counted.get(key, (0, 0))
         rows.append(Row(
             method=name, passes=passes, world_size=world, dtype=point.dtype, tokens=point.tokens, vocab=point.vocab,
             device=config.device, median_s=statistics.median(times), p20_s=_percentile(times, 0.2),
             p80_s=_percentile(times, 0.8), min_s=min(times), max_s=max(times), reps=len(times),
-            inner=inner.get(key, 0), floor_s=floor_s, peak_extra_bytes=peak, input_bytes=input_bytes,
+            inner=inner.get(key, 0), floor_s=floor_s[method.floor], peak_extra_bytes=peak, input_bytes=input_bytes,
             collectives=collectives, bytes_sent_per_rank=sent, load_avg=load, huge_pages=config.huge_pages,
-            error=errors.get(key, ""), machine=info,
+            error=errors.get(key, ""), floor=method.floor, run=config.run, machine=info,
         ))
     return rows
 
@@ -380,7 +392,7 @@ def run_rank(rank: int, world: int, port: int, config: Config) -> None:
                 from shardkl.bench.fused import measure_fused_point
 
                 rows = measure_fused_point(point, config.reps, group, torch.device(config.device), info,
-                                           config.huge_pages)
+                                           config.huge_pages, config.run)
             else:
                 rows = measure_point(point, config, group, info)
             if rank == 0:

@@ -22,7 +22,8 @@ import shardkl  # noqa: E402
 from tests._distributed import free_port, split_sizes  # noqa: E402
 from tests.reference import reference  # noqa: E402
 
-pytestmark = pytest.mark.ray
+# a Ray instance per test or module: in `pytest -m slow`
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB, PADDED = 1001, 1004

@@ -1,184 +1,72 @@
-"""The Triton kernels (run by the Triton interpreter on CPU) give the eager path's values and gradients, and
-compile ahead of time for sm_80 and sm_90 (every autotuner config)."""
+"""The Triton kernels' tests that need no GPU: the interpreter suites, each in a child process, and every kernel
+compiled ahead of time for sm_80 and sm_90 (every autotuner config of the common variants).
+
+Why child processes. Triton decides when a kernel is decorated whether it runs in its CPU interpreter
+(``TRITON_INTERPRET=1``) or is compiled for a GPU, and the choice holds for the whole process. The interpreter
+tests used to run in the pytest process, so ``test_cuda.py`` found the kernels interpreted and skipped itself: a
+full ``python -m pytest`` on a GPU machine never ran the CUDA kernels. Now the pytest process never loads Triton for
+the interpreter: ``interpreted_triton_kl.py`` (the KL entries) and ``interpreted_triton_ops.py`` (JSD and top-k),
+named so that pytest does not collect them, each run in a fresh ``python -m pytest`` child with
+``TRITON_INTERPRET=1``, and ``test_cuda.py`` in this process gets the compiled kernels. The child's JUnit XML says
+what ran: the wrapper fails on any failure or error and when nothing passed, with the failing tests and the tail of
+the child's output in its message. To select interpreter tests, run a suite directly and alone in its process:
+``pytest tests/kernels/interpreted_triton_ops.py -k jsd``.
+
+The other way round (the CUDA tests in a child) was not chosen: the interpreter suites run on every machine, and in
+the pytest process they were fragile there too: any test module that imported triton before they were collected
+(``torch.compile`` does) made them skip silently.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
 import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
-# The interpreter is chosen when a kernel is decorated, i.e. when triton (whose tl.sum, tl.max, ... are kernels
-# too) and triton_kl are imported: set it for those imports only, then restore the environment (the fixture
-# below sets it again for this module's tests). It must come before importorskip, which imports triton.
-if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("triton was imported without TRITON_INTERPRET=1 earlier in this process", allow_module_level=True)
-_previous = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
-import torch  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
+SUITES = ("interpreted_triton_kl.py", "interpreted_triton_ops.py")
 
-import shardkl  # noqa: E402
-from shardkl import _dispatch, _stats  # noqa: E402
-from shardkl.kernels import eager, triton_kl  # noqa: E402
-
-if _previous is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _previous
-
-from tests.kernels.cases import (  # noqa: E402
-    TINY_KL_BOUNDS,
-    case,
-    check_edge_rows,
-    check_public_api_against_eager,
-    edge_rows,
-    saved,
-    tiny_kl_inputs,
-)
-
-F32 = torch.float32
-# the interpreter evaluates both sides of every `where` in numpy, which warns about the discarded side's inf/NaN
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def _child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
 
 
-def test_kernels_run_in_the_interpreter() -> None:
-    assert type(triton_kl._stats_kernel).__name__ == "InterpretedFunction"
-    assert type(triton_kl._grads_kernel).__name__ == "InterpretedFunction"
+def _run_suite(suite: str, markers: str, tmp_path: Path) -> None:
+    """Run one ``interpreted_triton_*.py`` suite's tests selected by ``markers`` with pytest in a fresh process under
+    ``TRITON_INTERPRET=1``; fail on any failure or error, and when nothing passed."""
+    report = tmp_path / "report.xml"
+    command = [sys.executable, "-m", "pytest", str(ROOT / "tests" / "kernels" / suite), "-q", "-p", "no:cacheprovider",
+               "-m", markers, f"--junitxml={report}"]
+    done = subprocess.run(command, capture_output=True, text=True, env=_child_env(TRITON_INTERPRET="1"), cwd=ROOT,
+                          timeout=1800)
+    tail = (done.stdout + done.stderr)[-6000:]
+    assert report.exists(), f"the child pytest wrote no report (exit status {done.returncode}):\n{tail}"
+    cases = list(ET.parse(report).getroot().iter("testcase"))
+    failed = [f"{c.get('name')}: {bad.get('message', '')[:300]}" for c in cases for bad in c
+              if bad.tag in ("failure", "error")]
+    skipped = sum(1 for c in cases for x in c if x.tag == "skipped")
+    assert not failed and done.returncode == 0, "\n".join(failed) + f"\n{tail}"
+    assert len(cases) - skipped > 0, f"nothing passed in {suite}:\n{tail}"
 
 
-def test_exp_gap_is_accurate_across_scales() -> None:
-    mags = torch.logspace(-8, 1.5, 400, dtype=torch.float64)
-    d = torch.cat(
-        [mags, -mags, torch.tensor([0.0, 0.4999, 0.5, 0.5001, -0.5, float("inf"), float("-inf")], dtype=torch.float64)]
-    )
-    d32 = d.float()
-    got = triton_kl.exp_gap(d32).double()
-    want = torch.expm1(d32.double()) - d32.double()
-    finite = torch.isfinite(want)
-    rel = ((got - want).abs() / want.abs().clamp_min(1e-300))[finite & (want != 0)]
-    assert rel.max() < 2e-6, rel.max()
-    assert got[d == 0].item() == 0.0
-    assert (got[d.isinf()] == float("inf")).all()
-    assert (got[finite] >= 0).all()
+@pytest.mark.parametrize("suite", SUITES)
+def test_interpreter_suite_in_a_child_process(suite: str, tmp_path: Path) -> None:
+    _run_suite(suite, "not slow", tmp_path)
 
 
-@pytest.mark.parametrize(
-    ("shape", "dtype", "temperature", "block"),
-    [
-        ((9, 300), F32, 0.7, 64),
-        ((9, 300), torch.bfloat16, 1.0, 128),
-        ((3, 1271), F32, 1.0, 256),
-        ((3, 1271), torch.float16, 0.7, 512),
-        ((9, 2000), F32, 1.0, 2048),
-    ],
-)
-@pytest.mark.parametrize("two_inputs", [True, False])
-def test_stats_match_eager(shape, dtype, temperature, block, two_inputs) -> None:
-    a, b, _ = case(shape, dtype)
-    if shape[0] >= 8:
-        a, b = edge_rows(a, b)
-    bb = b if two_inputs else None
-    got = triton_kl.kl_stats(a, bb, temperature=temperature, dtype=F32, block=block)
-    want = eager.kl_stats(a, bb, temperature=temperature, dtype=F32)
-    assert got.shape == want.shape == (4 if two_inputs else 2, shape[0])
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
-    if shape[0] >= 8:
-        check_edge_rows(got, two_inputs)
-
-
-def test_entropy_off_keeps_the_other_rows() -> None:
-    a, b, _ = case((5, 700), F32)
-    want = eager.kl_stats(a, b, temperature=1.0, dtype=F32)
-    got = triton_kl.kl_stats(a, b, temperature=1.0, dtype=F32, entropy=False, block=128)
-    rows = [_stats.LA, _stats.LB, _stats.KL]
-    torch.testing.assert_close(got[rows], want[rows], rtol=1e-5, atol=1e-6)
-
-
-def test_tiles_merged_by_the_chain_rule_keep_a_tiny_kl() -> None:
-    g = torch.Generator().manual_seed(1)
-    a = torch.randn(4, 1000, generator=g, dtype=torch.float64) * 3
-    b = a + 1e-3 * torch.randn(4, 1000, generator=g, dtype=torch.float64) + 3.0
-    got = triton_kl.kl_stats(a.float(), b.float(), temperature=1.0, dtype=F32, block=128)[_stats.KL].double()
-    a32, b32 = a.float().double(), b.float().double()
-    want = (torch.softmax(a32, -1) * (torch.log_softmax(a32, -1) - torch.log_softmax(b32, -1))).sum(-1)
-    assert (got > 0).all() and (want < 1e-5).all()  # KL ~ 5e-7: the textbook formula loses every digit here
-    torch.testing.assert_close(got, want, rtol=1e-3, atol=0)
-
-
-@pytest.mark.parametrize(("true_kl", "eps", "bound"), TINY_KL_BOUNDS)
-def test_tiny_kl_meets_the_bound_at_a_152k_vocabulary(true_kl, eps, bound) -> None:
-    a, b, want = tiny_kl_inputs(eps, tokens=4)
-    # the smallest autotuned tile: the most merges per row
-    got = triton_kl.kl_stats(a, b, temperature=1.0, dtype=F32, block=1024)[_stats.KL].double()
-    assert (got > 0).all()
-    worst = ((got - want).abs() / want).max().item()
-    assert worst < bound, f"worst relative error {worst:.2e} at KL {true_kl:g}"
-
-
-def test_identical_inputs_give_exactly_zero() -> None:
-    a, _, _ = case((4, 900), F32)
-    assert (triton_kl.kl_stats(a, a.clone(), temperature=0.7, dtype=F32, block=128)[_stats.KL] == 0).all()
-
-
-def test_strided_views_and_fp64_fallback() -> None:
-    a, b, _ = case((300, 6), F32)
-    a, b = a.t(), b.t()  # column stride != 1: copied
-    torch.testing.assert_close(triton_kl.kl_stats(a, b, temperature=0.7, dtype=F32),
-                               eager.kl_stats(a, b, temperature=0.7, dtype=F32))
-    a, b, _ = case((5, 400), F32)
-    view_a, view_b = a[1:4, 50:333], b[1:4, 50:333]  # row stride 400, 283 columns
-    torch.testing.assert_close(triton_kl.kl_stats(view_a, view_b, temperature=1.0, dtype=F32, block=64),
-                               eager.kl_stats(view_a, view_b, temperature=1.0, dtype=F32))
-    d = triton_kl.kl_stats(a.double(), b.double(), temperature=1.0, dtype=torch.float64)
-    assert d.dtype == torch.float64
-    torch.testing.assert_close(d, eager.kl_stats(a.double(), b.double(), temperature=1.0, dtype=torch.float64))
-
-
-@pytest.mark.parametrize(
-    ("shape", "dtype", "temperature", "block", "present", "two_inputs"),
-    [
-        ((6, 300), F32, 0.7, 64, "kepqt", True),
-        ((6, 300), torch.bfloat16, 1.0, 128, "kept", True),
-        ((3, 1271), F32, 0.7, 256, "kqt", True),
-        ((3, 1271), F32, 1.0, 512, "ept", False),
-        ((6, 300), F32, 1.0, 64, "e", True),
-        ((6, 300), F32, 0.7, 64, "kepq", True),
-    ],
-)
-def test_grads_match_eager(shape, dtype, temperature, block, present, two_inputs) -> None:
-    a, b, tokens = case(shape, dtype)
-    bb = b if two_inputs else None
-    inputs = saved(a, bb, tokens, temperature, present)
-    got_a, got_b = torch.empty_like(a), torch.empty_like(b)
-    triton_kl.kl_grads(a, bb, temperature=temperature, dtype=F32, inputs=inputs, grad_a=got_a,
-                    grad_b=got_b if two_inputs else None, block=block)
-    want_a, want_b = torch.empty_like(a), torch.empty_like(b)
-    eager.kl_grads(a, bb, temperature=temperature, dtype=F32, inputs=inputs, grad_a=want_a, grad_b=want_b)
-    tol = 1e-5 if dtype == F32 else 1e-2
-    torch.testing.assert_close(got_a, want_a, rtol=tol, atol=tol * 0.02)
-    if two_inputs:
-        torch.testing.assert_close(got_b, want_b, rtol=tol, atol=tol * 0.02)
-
-
-@pytest.mark.parametrize(("shape", "dtype", "temperature"), [((6, 300), F32, 0.7), ((3, 1271), torch.bfloat16, 1.0)])
-def test_public_api_matches_eager(monkeypatch, shape, dtype, temperature) -> None:
-    monkeypatch.setattr(triton_kl, "DEFAULT_BLOCK", 256)  # several tiles per row
-    check_public_api_against_eager("triton", shape, dtype, temperature)
-
-
-def test_triton_needs_cuda_or_the_interpreter(monkeypatch) -> None:
-    assert _dispatch.resolve("triton", torch.device("cpu"), F32).name == "triton"
-    monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(ValueError, match="needs a CUDA device"):
-        triton_kl.kernels(torch.device("cpu"))
-    with pytest.raises(ValueError, match="needs a CUDA device"):
-        shardkl.exact_kl(torch.zeros(2, 3), torch.zeros(2, 3), options=shardkl.Options(impl="triton"))
+@pytest.mark.slow
+def test_slow_interpreter_tests_in_a_child_process(tmp_path: Path) -> None:
+    # the 152k-vocabulary accuracy bounds
+    _run_suite("interpreted_triton_kl.py", "slow", tmp_path)
 
 
 _COMPILE_FOR_CUDA = """
@@ -195,44 +83,77 @@ def compile_(fn, signature, constexprs, capability, warps):
         source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
         compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": warps})
     except CompilationError as exc:
-        print("COMPILATION_ERROR", capability, constexprs, exc)
+        print("COMPILATION_ERROR", fn.__name__, capability, constexprs, exc)
         sys.exit(1)
     except Exception as exc:  # no CUDA backend or ptxas here: not a bug of the kernels
         print("UNAVAILABLE", type(exc).__name__, exc)
         sys.exit(0)
     assert "ptx" in compiled.asm and "cubin" in compiled.asm
 
-stats = dict(a_ptr="*bf16", b_ptr="*bf16", out_ptr="*fp32", rows="i32", cols="i32", stride_a="i64", stride_b="i64",
+def typed(signature, half):
+    # the logits and their gradients in `half` (bf16 logits, or fp32 matmul tiles of LinearLogits)
+    return {k: half if v == "*x" else v for k, v in signature.items()}
+
+stats = dict(a_ptr="*x", b_ptr="*x", out_ptr="*fp32", rows="i32", cols="i32", stride_a="i64", stride_b="i64",
              inv_t="fp32")
 grads = {name: "*fp32" for name in ("lse_a_ptr", "lse_b_ptr", "kl_ptr", "ent_ptr", "grad_kl_ptr", "grad_ent_ptr",
                                     "grad_logp_ptr", "grad_logq_ptr")}
-grads.update(a_ptr="*bf16", b_ptr="*bf16", grad_a_ptr="*bf16", grad_b_ptr="*bf16", token_cols_ptr="*i64", cols="i32",
+grads.update(a_ptr="*x", b_ptr="*x", grad_a_ptr="*x", grad_b_ptr="*x", token_cols_ptr="*i64", cols="i32",
              stride_a="i64", stride_b="i64", inv_t="fp32")
+jsd_terms = dict(a_ptr="*x", b_ptr="*x", lse_a_ptr="*fp32", lse_b_ptr="*fp32", out_ptr="*fp64", rows="i32",
+                 cols="i32", stride_a="i64", stride_b="i64", inv_t="fp32", beta="fp32", rest="fp32")
+jsd_grads = dict(a_ptr="*x", b_ptr="*x", grad_a_ptr="*x", grad_b_ptr="*x", lse_a_ptr="*fp32", lse_b_ptr="*fp32",
+                 kl_pm_ptr="*fp32", kl_qm_ptr="*fp32", grad_ptr="*fp32", cols="i32", stride_a="i64", stride_b="i64",
+                 inv_t="fp32", beta="fp32", rest="fp32")
+topk_stats = dict(s_ptr="*x", ids_ptr="*i64", out_ptr="*fp64", rows="i32", cols="i32", stride_s="i64", K="i32",
+                  inv_t="fp32")
+topk_grads = dict(s_ptr="*x", ids_ptr="*i64", grad_ptr="*x", lse_excl_ptr="*fp32", tail_coef_ptr="*fp32",
+                  id_coef_ptr="*fp32", cols="i32", stride_s="i64", K="i32", inv_t="fp32")
 names = ("HAS_B", "HAS_KL", "HAS_ENT", "HAS_LOGP", "HAS_LOGQ", "WRITE_A", "WRITE_B")
 for capability in (80, 90):
-    # every autotuner config of the common variants, and the other variants with one config
+    bf16 = lambda s: typed(s, "*bf16")  # noqa: E731
+    # every autotuner config of the common variants (exact_kl, the JSD's two rounds and backward, top-k)
     for block, warps in triton_kl.CONFIGS:
-        compile_(triton_kl._stats_kernel, stats, {"HAS_B": True, "ENTROPY": False, "BLOCK": block}, capability, warps)
+        for flags in ({"HAS_B": True, "ENTROPY": False, "KL": True}, {"HAS_B": True, "ENTROPY": False, "KL": False}):
+            compile_(triton_kl._stats_kernel, bf16(stats), dict(flags, BLOCK=block), capability, warps)
         flags = dict(zip(names, (1, 1, 0, 0, 0, 1, 1)))
-        compile_(triton_kl._grads_kernel, grads, dict(flags, BLOCK=block), capability, warps)
-    for has_b, entropy in ((True, True), (False, True)):
-        compile_(triton_kl._stats_kernel, stats, {"HAS_B": has_b, "ENTROPY": entropy, "BLOCK": 2048}, capability, 8)
+        compile_(triton_kl._grads_kernel, bf16(grads), dict(flags, BLOCK=block), capability, warps)
+        compile_(triton_kl._jsd_terms_kernel, bf16(jsd_terms), {"BLOCK": block}, capability, warps)
+        compile_(triton_kl._jsd_grads_kernel, bf16(jsd_grads), {"WRITE_A": True, "WRITE_B": True, "BLOCK": block},
+                 capability, warps)
+        compile_(triton_kl._topk_stats_kernel, bf16(topk_stats), {"BLOCK": block, "IDS_BLOCK": 32}, capability, warps)
+        compile_(triton_kl._topk_grads_kernel, bf16(topk_grads), {"BLOCK": block, "IDS_BLOCK": 32}, capability, warps)
+    # the other variants with one config
+    for has_b, entropy, kl in ((True, True, True), (False, True, True), (True, True, False), (False, False, True)):
+        flags = {"HAS_B": has_b, "ENTROPY": entropy, "KL": kl, "BLOCK": 2048}
+        compile_(triton_kl._stats_kernel, bf16(stats), flags, capability, 8)
     for flags in [(1, 1, 1, 1, 1, 1, 1), (0, 0, 1, 1, 0, 1, 0), (1, 0, 0, 0, 1, 0, 1)]:
-        compile_(triton_kl._grads_kernel, grads, dict(zip(names, map(bool, flags)), BLOCK=2048), capability, 8)
+        compile_(triton_kl._grads_kernel, bf16(grads), dict(zip(names, map(bool, flags)), BLOCK=2048), capability, 8)
+    for write_a, write_b in ((True, False), (False, True)):
+        flags = {"WRITE_A": write_a, "WRITE_B": write_b, "BLOCK": 2048}
+        compile_(triton_kl._jsd_grads_kernel, bf16(jsd_grads), flags, capability, 8)
+    for kernel, signature in ((triton_kl._topk_stats_kernel, topk_stats), (triton_kl._topk_grads_kernel, topk_grads)):
+        compile_(kernel, bf16(signature), {"BLOCK": 2048, "IDS_BLOCK": triton_kl.MAX_IDS_BLOCK}, capability, 8)
+    # fp32 logits (LinearLogits' matmul tiles)
+    fp32 = lambda s: typed(s, "*fp32")  # noqa: E731
+    compile_(triton_kl._stats_kernel, fp32(stats), {"HAS_B": True, "ENTROPY": True, "KL": True, "BLOCK": 1024},
+             capability, 4)
+    compile_(triton_kl._jsd_terms_kernel, fp32(jsd_terms), {"BLOCK": 1024}, capability, 4)
+    compile_(triton_kl._jsd_grads_kernel, fp32(jsd_grads), {"WRITE_A": True, "WRITE_B": True, "BLOCK": 1024},
+             capability, 4)
+    compile_(triton_kl._topk_stats_kernel, fp32(topk_stats), {"BLOCK": 1024, "IDS_BLOCK": 16}, capability, 4)
+    compile_(triton_kl._topk_grads_kernel, fp32(topk_grads), {"BLOCK": 1024, "IDS_BLOCK": 16}, capability, 4)
 print("COMPILED")
 """
 
 
-def test_kernels_compile_for_sm80_and_sm90_without_a_gpu(monkeypatch) -> None:
+@pytest.mark.slow  # ahead-of-time compiles of every autotuner config, in a subprocess
+def test_kernels_compile_for_sm80_and_sm90_without_a_gpu() -> None:
     """The interpreter accepts Python that the Triton compiler rejects: compile ahead of time for both targets."""
-    import subprocess
-
-    monkeypatch.delenv("TRITON_INTERPRET")
-    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = _child_env(TRITON_DEFAULT_FP_FUSION="1")
+    env.pop("TRITON_INTERPRET", None)
     done = subprocess.run(
-        [sys.executable, "-c", _COMPILE_FOR_CUDA], capture_output=True, text=True, env=env, timeout=600, cwd=root
+        [sys.executable, "-c", _COMPILE_FOR_CUDA], capture_output=True, text=True, env=env, timeout=900, cwd=ROOT
     )
     assert done.returncode == 0, done.stdout + done.stderr
     if "UNAVAILABLE" in done.stdout:

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# the launcher as subprocesses under torchrun: in `pytest -m slow`
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = str(ROOT / "launch" / "distill_tp.py")
 

@@ -15,6 +15,9 @@ import pytest
 from shardkl.apps.experiment import ExperimentConfig
 from shardkl.apps.runtime import usable_cpus
 
+# the launcher as subprocesses (python and torchrun): in `pytest -m slow`
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = str(ROOT / "launch" / "exact_kl.py")
 SEED = str(ROOT / "configs" / "seed.toml")

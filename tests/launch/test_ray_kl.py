@@ -21,7 +21,8 @@ import pytest
 pytest.importorskip("ray")
 pytest.importorskip("ray.train.torch")
 
-pytestmark = pytest.mark.ray
+# a Ray instance per test or module: in `pytest -m slow`
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY_LAUNCHER = str(ROOT / "launch" / "ray_kl.py")

@@ -15,6 +15,9 @@ pytest.importorskip("transformers")
 
 from shardkl.apps.grpo import STEP_COLUMNS, TPConfig  # noqa: E402
 
+# the launcher as subprocesses under torchrun: in `pytest -m slow`
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = str(ROOT / "launch" / "train_tp.py")
 
