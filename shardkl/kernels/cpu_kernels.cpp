@@ -861,40 +861,24 @@ struct TopKLeaf {
   double lse, lse_excl;
 };
 
-// (lse, lse without the ids) of one leaf of n <= MAX_CHUNK columns; held: the sorted leaf columns of the ids.
-// Two passes: the max, then exp and the sums of the tail and of the ids' lanes, apart (nothing is subtracted).
-// next: the same columns of the next row, fetched into cache during pass 2 (which is compute-bound), or null.
+// One pass over a leaf: the sums of exp(s - shift) over the tail (in double) and over the ids' lanes, apart (nothing
+// is subtracted), and the max of s (NaN ignored). A -inf logit's 2e-38 (exp_clamped) is invisible next to a sum whose
+// largest term is about 1 or more, and a tail made of nothing else falls below TAIL_UNDERFLOW (then summed exactly).
+// pre: the same columns of the next row, fetched into cache meanwhile (this pass is compute-bound).
 template <bool scale>
-TopKLeaf topk_leaf(const TA* s, int64_t n, float inv_t, const int64_t* held, int64_t count, const TA* next) {
-  const Vec it(inv_t), zero(0.0f);
-  // pass 1: the max, NaN ignored (a NaN turns the sums of pass 2 into NaN)
-  Vec vm(-INF);
-  int64_t j = 0;
-  for (; j + W <= n; j += W) {
-    Vec x = load(s + j, W);
-    vm = max_or_second(scale ? x * it : x, vm);
-  }
-  if (j < n) {
-    Vec x = load(s + j, n - j);
-    vm = max_or_second(scale ? x * it : x, vm);
-  }
-  const float m = reduce_max(vm);
-  if (!std::isfinite(m)) {
-    // +inf somewhere, or no finite logit: the conventions, column by column (rare)
-    return {masked_lse_scalar<scale>(s, n, inv_t, nullptr, 0), masked_lse_scalar<scale>(s, n, inv_t, held, count)};
-  }
-  // pass 2: e = exp(s - max) summed over the tail in double; the ids' lanes summed apart (a -inf logit's 2e-38 is
-  // invisible in a sum whose max is 1, and a tail made of nothing else falls below TAIL_UNDERFLOW: it is then summed
-  // exactly)
-  const Vec shift(m);
+void topk_sums(const TA* s, int64_t n, float inv_t, const int64_t* held, int64_t count, float shift, const TA* pre,
+               double& tail, double& ids, float& max) {
+  const Vec it(inv_t), zero(0.0f), v_shift(shift);
   Held h(held, count);
-  const TA* pre = next ? next : s;
   DoubleSum tail_sum;
-  double ids = 0.0;
+  Vec vm(-INF);
+  ids = 0.0;
   auto body = [&](int64_t j, int64_t c) {
     Vec x = load(s + j, c);
     prefetch(pre + j);
-    Vec e = exp_clamped<true>((scale ? x * it : x) - shift);
+    x = scale ? x * it : x;
+    vm = max_or_second(x, vm);
+    Vec e = exp_clamped<true>(x - v_shift);
     if (h.at(j)) {
       const Mask lanes = h.lanes(j);
       ids += DoubleSum::of(select(lanes, e, zero));
@@ -902,11 +886,63 @@ TopKLeaf topk_leaf(const TA* s, int64_t n, float inv_t, const int64_t* held, int
     }
     tail_sum.add(e);
   };
-  for (j = 0; j + W <= n; j += W) body(j, W);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) body(j, W);
   if (j < n) body(j, n - j);
-  const double tail = tail_sum.sum();
+  tail = tail_sum.sum();
+  max = reduce_max(vm);
+}
+
+// (lse, lse without the ids) of one leaf of n <= MAX_CHUNK columns; held: the sorted leaf columns of the ids. Usually
+// one pass: the sums around the largest logit at the ids, the student's max wherever the teacher's top ids hold it
+// (the rule in distillation), which the max taken on the way confirms. Otherwise the sums again around the max
+// (shifted by anything else, the arguments of the largest terms would round: 1e-7 instead of 2e-8 on the lse), or,
+// without a finite logit at an id, two passes: the max, then the sums.
+template <bool scale>
+TopKLeaf topk_leaf(const TA* s, int64_t n, float inv_t, const int64_t* held, int64_t count, const TA* next) {
+  const TA* pre = next ? next : s;
+  double tail = 0.0, ids = 0.0;
+  float guess = -INF;
+  for (int64_t i = 0; i < count; ++i) {
+    const float v = scale ? static_cast<float>(s[held[i]]) * inv_t : static_cast<float>(s[held[i]]);
+    guess = std::isnan(v) ? v : std::max(guess, v);
+    if (std::isnan(v)) break;
+  }
+  float m = -INF;
+  bool done = false;
+  if (std::isfinite(guess)) {
+    topk_sums<scale>(s, n, inv_t, held, count, guess, pre, tail, ids, m);
+    // the max is at an id: the sums are those around the max
+    done = m == guess;
+    if (!done && std::isfinite(m)) {
+      float unused_max;
+      topk_sums<scale>(s, n, inv_t, held, count, m, pre, tail, ids, unused_max);
+      done = true;
+    }
+  }
+  if (!done) {
+    // pass 1: the max, NaN ignored (a NaN turns the sums into NaN)
+    const Vec it(inv_t);
+    Vec vm(-INF);
+    int64_t j = 0;
+    for (; j + W <= n; j += W) {
+      Vec x = load(s + j, W);
+      vm = max_or_second(scale ? x * it : x, vm);
+    }
+    if (j < n) {
+      Vec x = load(s + j, n - j);
+      vm = max_or_second(scale ? x * it : x, vm);
+    }
+    m = reduce_max(vm);
+    if (!std::isfinite(m)) {
+      // +inf somewhere, or no finite logit: the conventions, column by column (rare)
+      return {masked_lse_scalar<scale>(s, n, inv_t, nullptr, 0), masked_lse_scalar<scale>(s, n, inv_t, held, count)};
+    }
+    float unused_max;
+    topk_sums<scale>(s, n, inv_t, held, count, m, pre, tail, ids, unused_max);
+  }
   TopKLeaf out{m + std::log(tail + ids), m + std::log(tail)};
-  // the tail far below the row's max (or empty): its own log-sum-exp, around its own max
+  // the tail far below the shift, at most the row's max (or empty): its own log-sum-exp, around its own max
   if (tail < TAIL_UNDERFLOW) out.lse_excl = masked_lse<scale>(s, n, inv_t, held, count);
   return out;
 }

@@ -323,11 +323,14 @@ def test_topk_tail_far_below_the_ids_keeps_its_own_log_sum_exp() -> None:
     torch.testing.assert_close(got, _topk_reference(s, 0.2, ids), rtol=1e-7, atol=0.0)
 
 
-def test_topk_tail_log_sum_exp_is_accurate_in_double() -> None:
-    # the buckets compare the tail's log-sum-exp with the ids' logits directly: its error must stay far below 1e-7
+@pytest.mark.parametrize("max_at_an_id", [True, False])
+def test_topk_tail_log_sum_exp_is_accurate_in_double(max_at_an_id) -> None:
+    # the buckets compare the tail's log-sum-exp with the ids' logits directly: its error must stay far below 1e-7.
+    # The student's max among the ids (the usual case: one pass around it) or not (the sums again around the max)
     g = torch.Generator().manual_seed(0)
     s = torch.randn(64, 32_000, generator=g) * 3
     ids = _ids(64, 32_000, 20)
+    ids[:, 0] = s.argmax(-1) if max_at_an_id else s.argmin(-1)
     err = cpu.topk_stats(s, temperature=1.0, dtype=F32, ids=ids) - _topk_reference(s, 1.0, ids)
     assert err.abs().max() < 2e-8, err.abs().max()
     assert err.mean().abs() < 2e-9, err.mean()  # no bias: a sum of exponentials each off the same way
