@@ -1,17 +1,30 @@
-"""Hand-vectorised C++ kernels for CPU (``cpu_kernels.cpp``), the ``"compiled"`` implementation on CPU.
+"""Hand-vectorised C++ kernels for CPU (``cpu_kernels.cpp``), the ``"compiled"`` implementation on CPU: all six
+entries of :class:`shardkl.kernels.Kernels` (KL stats, JSD terms, top-k stats, and their gradients).
 
 The source is built on first use by ``torch.compile``'s own C++ toolchain (``torch._inductor``'s code cache: the
-compiler flags and the ``at::vec`` vector types it picks for this CPU, OpenMP), once per pair of input dtypes,
-and cached on disk by that code cache. This module records where each build went (keyed by the source, torch,
-Python and the CPU's vector ISA), so that later processes load the extension in milliseconds without importing
-``torch._inductor`` (which alone takes seconds). Each call is **one** native call
-for the whole ``[rows, V_local]`` block, rows in parallel, so there is no per-tile dispatch.
+compiler flags and the ``at::vec`` vector types it picks for this CPU, OpenMP), once per pair of input dtypes (one
+module, whose ``mode`` argument picks the op and the pass), and cached on disk by that code cache. This module
+records where each build went (keyed by the source, torch, Python and the CPU's vector ISA), so that later
+processes load the extension in milliseconds without importing ``torch._inductor`` (which alone takes seconds).
+Each call is **one** native call for the whole ``[rows, V_local]`` block, rows in parallel, so there is no per-tile
+dispatch.
 
 Why not a ``torch.compile`` graph: inductor's CPU loops recompute ``exp`` in every pass (four per pair of logits
 instead of two here), its vectorised ``expm1`` is ``exp(x) - 1`` (which loses the digits of a tiny KL), and its
-passes over a row are separate loops whenever a per-row value sits between them. The kernels here make three
-passes per row (max; ``exp`` into a per-thread scratch row; the g-form terms from that scratch row), the last two
-over data already in cache, and prefetch the next row during them. See ``docs/performance.md``.
+passes over a row are separate loops whenever a per-row value sits between them. Per row:
+
+- KL stats: three passes (max; ``exp`` into a per-thread scratch row; the g-form terms from that scratch row), the
+  last two over data already in cache, with the next row prefetched during them; the log-sum-exps alone (``kl=False,
+  entropy=False``, JSD's first round) stop after the second and store nothing.
+- JSD terms and gradients: one pass. Where ``|d| < 0.4`` (``d = log P − log Q``, the usual case) one exponential and
+  power series in ``d`` whose coefficients depend on β (``Q = P e^−d``; no log, every digit of a tiny divergence);
+  beyond, two exponentials and two ``log1p``.
+- Top-k stats: one pass around the largest logit at the teacher's ids (two where the student's max lies elsewhere),
+  the ids' lanes summed apart from the tail, the tail in double with an unbiased exponential (its log-sum-exp is
+  compared with the ids' logits directly); a tail far below the max is summed again around its own. Gradients: one
+  exponential per logit, then the K id columns.
+
+See ``docs/performance.md``.
 
 Only fp32 compute (fp32, bf16 and fp16 inputs); the caller routes float64 elsewhere.
 """
@@ -231,7 +244,9 @@ def kl_stats(
         return out.copy_(torch.tensor(identity).unsqueeze(-1).expand_as(out))
     a = row_major(a)
     b = None if b is None else row_major(b)
-    scratch = _scratch(_threads(rows), 2, cols, a.device)
+    # the third pass reads the exponentials back from per-thread scratch rows; without it none are needed
+    third_pass = entropy or (kl and two)
+    scratch = _scratch(_threads(rows), 2, cols, a.device) if third_pass else None
     flags = (_TWO if two else 0) | (_WANT_ENT if entropy else 0) | (_WANT_KL if kl and two else 0)
     _run(_KL_STATS, a, b, out=out, scratch=scratch, temperature=temperature, flags=flags)
     return out
