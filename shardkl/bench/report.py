@@ -248,15 +248,17 @@ def plot(rows: list[Row], path: Path, *, headline: tuple[int, int] | None = None
     head_height = 0.0 if head is None else 0.4 + 0.3 * len({r.method for r in head})
     height = top_margin + head_height + (gap if head else 0.0) + sweep_height + 0.6
     fig = plt.figure(figsize=(3.4 * ncols + legend_width, height))
-    fig.subplots_adjust(left=0.08, right=1 - legend_width / fig.get_figwidth(), top=1 - top_margin / height,
+    # room on the left for the headline's method names
+    left = 1.45 / fig.get_figwidth()
+    fig.subplots_adjust(left=left, right=1 - legend_width / fig.get_figwidth(), top=1 - top_margin / height,
                         bottom=0.6 / height)
     outer = fig.add_gridspec(2 if head else 1, 1, height_ratios=[head_height, sweep_height] if head else [1],
                              hspace=gap / ((head_height + sweep_height) / 2))
     if head:
-        fig.text(0.08, 1 - 0.55 / height, f"Headline: {headline[0]} tokens x {headline[1]:,} vocabulary, "  # type: ignore[index]
+        fig.text(left, 1 - 0.55 / height, f"Headline: {headline[0]} tokens x {headline[1]:,} vocabulary, "  # type: ignore[index]
                  f"{head[0].dtype}, one rank, every method (lower is better)", fontsize=9.5, fontweight="bold")
         _plot_headline(fig, outer[0].subgridspec(1, 3, wspace=0.06), head, style)
-        fig.text(0.08, (0.6 + sweep_height + 0.42) / height, "Vocabulary sweep, exact KL (lower is better)",
+        fig.text(left, (0.6 + sweep_height + 0.42) / height, "Vocabulary sweep, exact KL (lower is better)",
                  fontsize=9.5, fontweight="bold")
     grid = outer[-1].subgridspec(len(measures), ncols, hspace=0.12, wspace=0.3)
 
@@ -344,6 +346,11 @@ def _pct(share: float) -> str:
     return "0%" if share == 0 else "<0.01%" if share < 0.01 else f"{share:.2g}%" if share < 10 else f"{share:.0f}%"
 
 
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:,.0f} ms" if ms >= 100 else f"{ms:.3g} ms"
+
+
 def _times(ratio: float) -> str:
     return f"{ratio:.3g}x" if ratio < 100 else f"{ratio:.0f}x"
 
@@ -365,7 +372,7 @@ def _plot_headline(fig: Any, grid: Any, rows: list[Row], style: dict[str, tuple[
                 share = 100 * r.peak_extra_bytes / r.input_bytes
                 values[r.method] = (share, _pct(share))
             elif measure != "memory" and r.passes == measure:
-                values[r.method] = (r.ratio, f"{_times(r.ratio)}  ({r.median_s * 1e3:.3g} ms)")
+                values[r.method] = (r.ratio, f"{_times(r.ratio)}  ({_ms(r.median_s)})")
         base = 0.0 if measure == "memory" else 1.0
         for method, (value, text) in values.items():
             marker, color = style[method]
@@ -390,7 +397,7 @@ def _plot_headline(fig: Any, grid: Any, rows: list[Row], style: dict[str, tuple[
         ax.grid(True, axis="x", which="both", alpha=0.25)
         ax.set_title(title, fontsize=9)
     if any(r.floor != "floor" for r in rows):
-        axes[-1].text(1.0, -0.1, "* reads the student's logits only: its floor and memory refer to them",
+        axes[-1].text(1.0, -0.2, "* reads the student's logits only: its floor and memory refer to them",
                       transform=axes[-1].transAxes, fontsize=7.5, ha="right", va="top")
 
 

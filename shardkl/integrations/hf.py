@@ -22,6 +22,23 @@ from shardkl.linear import LinearLogits
 _NOT_LINEAR = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
+def linear_head_problem(config: Any) -> str | None:
+    """Why a model with this config does not have logits ``lm_head(hidden)`` alone (it soft-caps or scales them),
+    or ``None`` if it does.
+
+    Args:
+        config: a transformers config (or ``None``).
+
+    Returns:
+        One line such as ``"this model's logits are not lm_head(hidden) alone (final_logit_softcapping=30.0)"``.
+    """
+    for name in _NOT_LINEAR:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            return f"this model's logits are not lm_head(hidden) alone ({name}={value})"
+    return None
+
+
 def linear_logits(model: nn.Module, input_ids: Any = None, **forward_kwargs: Any) -> LinearLogits:
     """The logits of a Hugging Face causal LM as ``LinearLogits(last hidden state, lm_head.weight, lm_head.bias)``.
 
@@ -38,14 +55,9 @@ def linear_logits(model: nn.Module, input_ids: Any = None, **forward_kwargs: Any
     Raises:
         ValueError: the model scales or soft-caps its logits after the ``lm_head`` (not a linear map).
     """
-    config = getattr(model, "config", None)
-    for name in _NOT_LINEAR:
-        value = getattr(config, name, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(
-                f"this model's logits are not lm_head(hidden) alone ({name}={value}); compute its logits and pass "
-                "them as a tensor instead"
-            )
+    problem = linear_head_problem(getattr(model, "config", None))
+    if problem is not None:
+        raise ValueError(f"{problem}; compute its logits and pass them as a tensor instead")
     decoder: Any = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model  # type: ignore[operator]
     outputs = decoder(input_ids=input_ids, **forward_kwargs)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
@@ -56,4 +68,4 @@ def linear_logits(model: nn.Module, input_ids: Any = None, **forward_kwargs: Any
     return LinearLogits(replicated_like(hidden, weight), weight, bias)
 
 
-__all__ = ["linear_logits"]
+__all__ = ["linear_head_problem", "linear_logits"]
