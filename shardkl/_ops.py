@@ -30,6 +30,8 @@ from shardkl.kernels import GradInputs, scaled
 from shardkl.kernels.eager import local_columns
 
 NEG_INF = float("-inf")
+# per-token float64 work of the top-k buckets, in blocks of about this many elements ([tokens, K + 1])
+FINALISE_ELEMENTS = 1 << 14
 
 
 class KLStats(NamedTuple):
@@ -279,11 +281,18 @@ class TopKOp:
         lse_excl = torch.logsumexp(body[:, 1], dim=0)
         s_ids = body[:, 2:].amax(dim=0).t()
         tolerance = _teacher_checks.SUM_TOLERANCE.get(self.logprobs.dtype, _teacher_checks.DEFAULT_TOLERANCE)
-        buckets = _divergences.buckets(lse_excl, s_ids, self.logprobs.to(torch.float64), tolerance)
-        value = _divergences.topk_divergence(buckets, self.direction)
-        tail_coef, id_coef = _divergences.topk_grad_coefs(buckets, self.direction)
-        saved = tuple(x.to(d.dtype) for x in (lse_excl, tail_coef, id_coef))
-        return (value.to(d.dtype).reshape(d.lead_shape),), saved
+        value = torch.empty(d.rows, dtype=d.dtype, device=d.device)
+        tail_coef = torch.empty(d.rows, dtype=d.dtype, device=d.device)
+        id_coef = torch.empty(d.rows, k, dtype=d.dtype, device=d.device)
+        # the buckets of a block of tokens at a time: their float64 temporaries stay a few hundred KiB (a fraction
+        # of a percent of the logits) whatever the number of tokens
+        step = max(1, FINALISE_ELEMENTS // (k + 1))
+        for r0 in range(0, d.rows, step):
+            rows = slice(r0, r0 + step)
+            buckets = _divergences.buckets(lse_excl[rows], s_ids[rows], self.logprobs[rows].double(), tolerance)
+            value[rows] = _divergences.topk_divergence(buckets, self.direction)
+            tail_coef[rows], id_coef[rows] = _divergences.topk_grad_coefs(buckets, self.direction)
+        return (value.reshape(d.lead_shape),), (lse_excl.to(d.dtype), tail_coef, id_coef)
 
     def backward(
         self, d: Driver, saved: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], needs: Sequence[bool]

@@ -91,37 +91,45 @@ def teacher_meta(ids: Tensor, logprobs: Tensor, keep: Tensor | None) -> Tensor:
     """
     device = ids.device
     rows, k = ids.shape
-    keep = torch.ones(rows, dtype=torch.bool, device=device) if keep is None else keep
     tolerance = SUM_TOLERANCE.get(logprobs.dtype, DEFAULT_TOLERANCE)
-    t = logprobs.double()
+    # the log-probs in fp32 (or their float64): no copy for the usual fp32 input
+    t = logprobs if logprobs.dtype in (torch.float32, torch.float64) else logprobs.float()
     values: list[Tensor | float] = [0.0] * NUM_TEACHER_META
     values[K] = float(k)
     values[TOLERANCE] = tolerance
-    ids_f = ids.double()
-    kept = keep.unsqueeze(-1)
+    kept = None if keep is None else keep.unsqueeze(-1)
     if ids.numel():
         # dropped rows move neither the minimum nor the maximum; no kept row at all reads as ids in range
-        any_kept = keep.any()
-        lowest = torch.where(kept, ids_f, torch.full_like(ids_f, float("inf"))).min()
-        highest = torch.where(kept, ids_f, torch.full_like(ids_f, float("-inf"))).max()
-        values[ID_MIN] = torch.where(any_kept, lowest, 0.0)
-        values[ID_MAX] = torch.where(any_kept, highest, 0.0)
-    values[ID_SUM] = torch.where(kept, ids_f, torch.zeros_like(ids_f)).sum()
+        int64 = torch.iinfo(torch.int64)
+        lowest = ids if kept is None else ids.masked_fill(~kept, int64.max)
+        values[ID_MIN] = lowest.min().double()
+        del lowest
+        highest = ids if kept is None else ids.masked_fill(~kept, int64.min)
+        values[ID_MAX] = highest.max().double()
+        del highest
+        if kept is not None:
+            any_kept = kept.any()
+            values[ID_MIN] = torch.where(any_kept, values[ID_MIN], 0.0)
+            values[ID_MAX] = torch.where(any_kept, values[ID_MAX], 0.0)
+    values[ID_SUM] = (ids if kept is None else ids.masked_fill(~kept, 0)).sum().double()
+    keep = torch.ones(rows, dtype=torch.bool, device=device) if keep is None else keep
     # a duplicate shows as two equal neighbours once each row is sorted
     ordered = ids.sort(dim=-1).values
     duplicate = ((ordered[:, 1:] == ordered[:, :-1]).any(-1) if k > 1 else torch.zeros_like(keep)) & keep
+    del ordered
     values[DUPLICATE_ROWS] = duplicate.sum().double()
     values[FIRST_DUPLICATE] = _first(duplicate)
     nan = (torch.isnan(t).any(-1) | (t == float("inf")).any(-1)) & keep
     values[NAN_COUNT] = nan.sum().double()
     values[FIRST_NAN] = _first(nan)
-    finite = torch.where(keep.unsqueeze(-1) & ~torch.isnan(t), t, torch.full_like(t, float("-inf")))
+    finite = torch.where(keep.unsqueeze(-1) & ~torch.isnan(t), t, float("-inf"))
     values[POSITIVE_COUNT] = (finite > tolerance).sum().double()
-    values[MAX_LOGPROB] = finite.max() if finite.numel() else float("-inf")
+    values[MAX_LOGPROB] = finite.max().double() if finite.numel() else float("-inf")
     log_total = torch.logsumexp(finite, dim=-1)
+    del finite
     over = log_total > tolerance
     values[OVER_ONE_ROWS] = over.sum().double()
-    values[MAX_LOG_TOTAL] = log_total.max() if log_total.numel() else float("-inf")
+    values[MAX_LOG_TOTAL] = log_total.max().double() if log_total.numel() else float("-inf")
     values[FIRST_OVER_ONE] = _first(over)
     return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
 

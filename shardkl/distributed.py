@@ -123,13 +123,22 @@ def argmax_over_ranks(
     """
     n = best.numel()
     meta = torch.tensor([-1.0, -1.0] if bounds is None else [float(bounds[0]), float(bounds[1])], dtype=torch.float64)
-    # One all-gather of (local max, its global id) and the slice bounds; every rank then picks the same winner.
+    # One all-gather of (local max, its global id) and the slice bounds; every rank then picks the same winner. It
+    # travels on the device the group's backend needs (NCCL: this process's GPU), whatever the inputs' device.
     local = torch.cat([best.reshape(-1).double().cpu(), best_id.reshape(-1).double().cpu(), meta])
-    gathered = all_gather_flat(local, group, what="sampled tokens", timeout_s=timeout_s)
+    gathered = all_gather_flat(local.to(_collective_device(group)), group, what="sampled tokens", timeout_s=timeout_s)
+    gathered = gathered.cpu()
     if bounds is not None:
         check_tiling([(int(row[-2]), int(row[-1])) for row in gathered[:, -2:].tolist()])
     winner = gathered[:, :n].argmax(dim=0, keepdim=True)
     return gathered[:, n : 2 * n].gather(0, winner).reshape(best.shape).long()
+
+
+def _collective_device(group: ProcessGroup | None) -> torch.device:
+    """The device a collective of ``group`` runs on: this process's GPU for NCCL, else the CPU."""
+    if group is not None and is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def check_tiling(slices: list[tuple[int, int]], hint: str = "") -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+import shardkl
 from shardkl import _stats
 from shardkl.kernels import cpu, eager
 from tests.kernels.cases import case, check_edge_rows, check_public_api_against_eager, edge_rows, saved
+from tests.reference import reference
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
@@ -129,3 +131,47 @@ def test_a_row_with_both_nan_and_inf_reports_nan() -> None:
     assert got[_stats.LA, 1].isnan() and want[_stats.LA, 1].isnan()
     assert got[_stats.LB, 2].isnan() and want[_stats.LB, 2].isnan()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "temperature"), [((9, 300), F32, 1.0), ((9, 1271), BF16, 0.7), ((9, 70_000), F32, 0.7)]
+)
+def test_log_sum_exps_alone_match_eager_with_the_edge_rows(shape, dtype, temperature) -> None:
+    # JSD's first round: kl_stats(kl=False, entropy=False) skips the third pass and stores nothing
+    a, b, _ = case(shape, dtype)
+    a, b = edge_rows(a, b)
+    a[8] = float("-inf")
+    a[8, 3] = float("nan")  # a NaN among -inf: NaN, not the -inf of a row without mass
+    rows = [_stats.LA, _stats.LB]
+    got = cpu.kl_stats(a, b, temperature=temperature, dtype=F32, entropy=False, kl=False)
+    want = eager.kl_stats(a, b, temperature=temperature, dtype=F32, entropy=False, kl=False)
+    torch.testing.assert_close(got[rows], want[rows], rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert got[_stats.LA, 2] == float("-inf") and got[_stats.LB, 2] == float("-inf")
+    assert got[_stats.LB, 6] == float("-inf") and got[_stats.LA, 7] == float("-inf")
+    assert got[_stats.LA, 3].isnan() and got[_stats.LA, 8].isnan() and got[_stats.LA, 4] == float("inf")
+    full = cpu.kl_stats(a, b, temperature=temperature, dtype=F32, entropy=False)
+    torch.testing.assert_close(got[rows], full[rows], rtol=1e-6, atol=1e-6, equal_nan=True)
+    alone = cpu.kl_stats(a, None, temperature=temperature, dtype=F32, entropy=False, kl=False)
+    torch.testing.assert_close(alone[_stats.LA], got[_stats.LA], rtol=0.0, atol=0.0, equal_nan=True)
+
+
+@pytest.mark.parametrize("impl", ["compiled", "eager"])
+def test_leaves_with_far_apart_peaks_merge_to_a_finite_kl(impl) -> None:
+    # issue 18 item 7: a long row's leaves (32k columns each) merge by the chain rule in the direct form
+    # w x - w + v where x = log w - log v < -1; w (x + expm1(-x)) overflows (fp32 at x < -88, double at x < -709)
+    options = shardkl.Options(impl=impl)
+    for peak in (100.0, 725.0):
+        a, b = torch.zeros(1, 65536), torch.zeros(1, 65536)
+        a[0, 0], b[0, 40000] = peak, peak
+        got = shardkl.exact_kl(a, b, options=options)
+        assert torch.isfinite(got).all(), (peak, got)
+        torch.testing.assert_close(got.double(), reference(a, b)["exact_kl"], rtol=1e-6, atol=0.0)
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(4, 65536, generator=g) * 3, torch.randn(4, 65536, generator=g) * 3
+    a[:, 0] += 30.0
+    b[:, 40000] += 30.0
+    x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+    got = shardkl.exact_kl(x, y, temperature=0.3, options=options)
+    got.sum().backward()
+    assert torch.isfinite(got).all() and torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()
+    torch.testing.assert_close(got.double(), reference(a, b, temperature=0.3)["exact_kl"], rtol=1e-5, atol=0.0)
