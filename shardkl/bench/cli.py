@@ -15,12 +15,12 @@ from shardkl.bench import fused, measure, report
 DESCRIPTION = """\
 Time shardkl against the read-once floor and the usual baselines, side by side in one run.
 
-The default run (CPU) takes about two minutes on a quiet 2-core machine (half an hour with four other jobs on
-its cores) and peaks at about 3 GB of memory: the headline point (2048 tokens x 32,000 vocabulary, float32, one
-rank, every method, forward and forward+backward, with shardkl.jsd and shardkl.topk_kl next to exact_kl: see
---divergences), a vocabulary sweep at 256 tokens (float32 and bfloat16), and the same sweep on two gloo ranks.
-shardkl[auto] is the default call (no options), measured next to naive PyTorch (log_softmax x2 + kl_div) and the
-other implementations. Each world size runs in fresh processes.
+The default run (CPU) takes about two minutes on a 2-core machine (more with other jobs on its cores) and peaks
+at about 3 GB of memory: the headline point (2048 tokens x 32,000 vocabulary, float32, one rank, every method,
+forward and forward+backward, with shardkl.jsd and shardkl.topk_kl next to exact_kl: see --divergences), a
+vocabulary sweep at 256 tokens (float32 and bfloat16), and the same sweep on two gloo ranks. shardkl[auto] is the
+default call (no options), measured next to naive PyTorch (log_softmax x2 + kl_div) and the other implementations.
+Each world size runs in fresh processes.
 
 Each run writes into a new folder OUT/RUN-ID/ and never touches an earlier run's: rows are appended to its
 results.jsonl as each point finishes (a progress bar on stderr); the table and a summary (also in table.txt) and
@@ -85,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--divergences", default="auto",
                    help="impls of the shardkl.jsd and shardkl.topk_kl rows at the headline point, comma-separated, or "
                         "none; each is called with the same options as the exact_kl row of that impl (default: "
-                        "%(default)s, the default call; the eager kernels take minutes there)")
+                        "%(default)s, the default call)")
     p.add_argument("--reps", type=int, help="timed rounds per point (preset: 5; at least 3)")
     p.add_argument("--forward-only", action="store_true", help="skip forward+backward")
     p.add_argument("--fused", help="exact KL from hidden states (LinearLogits) against two matmuls + exact_kl, at "

@@ -98,9 +98,10 @@ def _get(rows: list[Row], **match: object) -> Row | None:
 def speed(ours_s: float, theirs_s: float, name: str) -> str:
     """``"N.Nx faster than NAME"``, or ``"N.Nx slower than NAME"`` when ``ours_s`` is the longer time (never a
     speed-up below 1)."""
-    if ours_s <= theirs_s:
-        return f"{theirs_s / ours_s:.1f}x faster than {name}"
-    return f"{ours_s / theirs_s:.1f}x slower than {name}"
+    ratio = max(ours_s, theirs_s) / min(ours_s, theirs_s)
+    # two digits where one would read "1.0x faster"
+    text = f"{ratio:.1f}x" if ratio >= 1.1 else f"{ratio:.2f}x"
+    return f"{text} {'faster' if ours_s <= theirs_s else 'slower'} than {name}"
 
 
 def _share(row: Row) -> str:

@@ -179,6 +179,7 @@ def _rows() -> list[measure.Row]:
 def test_summary_says_slower_never_a_speed_up_below_one() -> None:
     assert report.speed(0.1, 0.5, "naive PyTorch") == "5.0x faster than naive PyTorch"
     assert report.speed(0.5, 0.1, "naive PyTorch") == "5.0x slower than naive PyTorch"
+    assert report.speed(1.0, 1.02, "compiled") == "1.02x faster than compiled"
     lines = "\n".join(report.summary(_rows(), tokens=2048, vocab=32000))
     assert "shardkl[auto] (the default) forward: 2.00x the floor (20.0 ms), 25.0x faster than naive PyTorch" in lines
     assert "shardkl[eager] forward: 250.00x the floor (2500.0 ms), 5.0x slower than naive PyTorch" in lines
