@@ -153,8 +153,8 @@ def main(argv: list[str]) -> int:
     print(f"both trunks: {result['trunks_cpu_s']:.3f} CPU s, peak {trunk_memory.peak / mib:.1f} MiB "
           f"({100 * trunk_memory.peak / logits_bytes:.1f}% of logits); one model's float32 logits of the batch: "
           f"{logits_bytes / mib:.1f} MiB; load average {result['load_average']}")
-    print("step: both trunks and the audit's values; audit part: everything after the hidden states (two kl_stats, "
-          "two top-1 passes); extra: peak bytes of the tensors it creates; tokens/s: wall clock, tokens/CPU s: "
+    print("step: both trunks and the audit's values; audit part: everything after the hidden states (one "
+          "compare_stats call); extra: peak bytes of the tensors it creates; tokens/s: wall clock, tokens/CPU s: "
           "this process's CPU time")
     if args.output:
         path = Path(args.output)

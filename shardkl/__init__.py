@@ -11,7 +11,16 @@ from shardkl._divergences import Direction
 from shardkl.distill import DIVERGENCES, Divergence, TopKTeacher, distillation_loss, jsd, topk_kl
 from shardkl.distributed import CollectiveError
 from shardkl.estimators import SAMPLED_ESTIMATORS, SampledEstimator, k1, k2, k3
-from shardkl.functional import KLStats, entropy, exact_kl, kl_stats, sampled_kl, token_logprobs
+from shardkl.functional import (
+    CompareStats,
+    KLStats,
+    compare_stats,
+    entropy,
+    exact_kl,
+    kl_stats,
+    sampled_kl,
+    token_logprobs,
+)
 from shardkl.kernels import IMPLS, Impl
 from shardkl.layout import VocabLayout, shard_bounds
 from shardkl.linear import HIDDEN_GRADS, HiddenGrad, LinearLogits
@@ -32,6 +41,7 @@ __all__ = [
     "REDUCTIONS",
     "SAMPLED_ESTIMATORS",
     "CollectiveError",
+    "CompareStats",
     "Direction",
     "Divergence",
     "Estimator",
@@ -47,6 +57,7 @@ __all__ = [
     "TopKTeacher",
     "VocabLayout",
     "__version__",
+    "compare_stats",
     "distillation_loss",
     "entropy",
     "exact_kl",

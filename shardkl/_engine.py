@@ -39,6 +39,9 @@ from shardkl.layout import VocabLayout
 from shardkl.linear import LinearLogits
 from shardkl.options import Options
 
+# vocabulary blocks of a row merged at once in Driver.reduce (the rest of a call's blocks wait for the next merge)
+MERGE_GROUP = 8
+
 # the autograd inputs of one side: logits, or hidden, weight, bias
 SideTensors = tuple["Tensor | None", "Tensor | None", "Tensor | None", "Tensor | None"]
 
@@ -113,20 +116,27 @@ class Driver:
         self, tile_fn: Callable[[Tile], Tensor], *, merge: Callable[[Tensor], Tensor], identity: Sequence[float]
     ) -> Tensor:
         """``[k, rows]``: ``tile_fn(tile) -> [k, tile rows]`` over every tile, the vocabulary blocks of each row
-        combined by ``merge([blocks, k, rows]) -> [k, rows]`` (not called for a single block); ``identity`` (the
-        result for no columns at all, ``k`` values) for an empty shard."""
-        n = self.sources.num_blocks
-        if n == 0:
+        combined by ``merge([blocks, k, rows]) -> [k, rows]`` (associative; not called for a single block);
+        ``identity`` (the result for no columns at all, ``k`` values) for an empty shard.
+
+        The blocks are folded as they come, :data:`MERGE_GROUP` at a time, so what is kept is at most that many
+        ``[k, rows]`` arrays whatever the vocabulary (a linear side has ``V_local / C`` blocks)."""
+        if self.sources.num_blocks == 0:
             values = torch.tensor(identity, dtype=torch.float64, device=self.device)
             return values.unsqueeze(-1).expand(len(identity), self.rows).to(self.dtype).clone()
-        parts: Tensor | None = None
-        for index, tile in self.sources.tiles():
-            out = tile_fn(tile)
-            if parts is None:
-                parts = torch.empty(n, out.shape[0], self.rows, dtype=out.dtype, device=out.device)
-            parts[index, :, tile.rows] = out
-        assert parts is not None
-        return parts[0] if n == 1 else merge(parts)
+        pending: list[Tensor] = []
+        for _, _, tiles in self.sources.column_blocks():
+            block: Tensor | None = None
+            for tile in tiles:
+                out = tile_fn(tile)
+                if block is None:
+                    block = torch.empty(out.shape[0], self.rows, dtype=out.dtype, device=out.device)
+                block[:, tile.rows] = out
+            assert block is not None
+            pending.append(block)
+            if len(pending) == MERGE_GROUP:
+                pending = [merge(_stacked(pending))]
+        return pending[0] if len(pending) == 1 else merge(_stacked(pending))
 
     def call_info(self, p_dtype: torch.dtype, q_dtype: torch.dtype | None) -> _validation.CallInfo:
         spec = self.spec
@@ -253,6 +263,12 @@ class Driver:
         return tuple(results)
 
 
+def _stacked(parts: list[Tensor]) -> Tensor:
+    """``[blocks, k, rows]`` of blocks' results (float64 once an earlier merge made one of them so)."""
+    dtypes = {x.dtype for x in parts}
+    return torch.stack(parts if len(dtypes) == 1 else [x.to(torch.float64) for x in parts])
+
+
 class Op(Protocol):
     """One divergence as a program against the :class:`Driver` (see :mod:`shardkl._ops`)."""
 
@@ -295,14 +311,19 @@ def side_tensors(x: Tensor | LinearLogits | None) -> SideTensors:
     return x, None, None, None
 
 
-def run(call: Call, op: Op) -> tuple[Tensor, ...]:
-    """Run ``op`` on a resolved call: its outputs, differentiable with respect to every side input."""
+def run(call: Call, op: Op, *, differentiable: bool = True) -> tuple[Tensor, ...]:
+    """Run ``op`` on a resolved call: its outputs, differentiable with respect to every side input (or, with
+    ``differentiable=False``, plain values computed without autograd)."""
     hidden_grad = tuple(x.hidden_grad if isinstance(x, LinearLogits) else None for x in (call.p, call.q))
     spec = EngineSpec(
         call.layout, call.layout_given, call.temperature, call.options, call.names, hidden_grad,  # type: ignore[arg-type]
         call.no_process_group,
     )
-    outputs: tuple[Tensor, ...] = EngineFunction.apply(op, spec, *side_tensors(call.p), *side_tensors(call.q))
+    tensors = (*side_tensors(call.p), *side_tensors(call.q))
+    if not differentiable:
+        with torch.no_grad():
+            return op.forward(Driver(tensors, spec))[0]
+    outputs: tuple[Tensor, ...] = EngineFunction.apply(op, spec, *tensors)
     return outputs
 
 

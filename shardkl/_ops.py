@@ -9,6 +9,8 @@ gradient. The tiles, the collectives, the checks and the gradients' way back to 
   ``[LA, ENT(, LB, KL)]`` and the token logits per token).
 - :class:`JSDOp`: ``JSD_β``, 0 < β < 1: the log-sum-exps of both inputs (one gather), then the terms of KL(P‖M)
   and KL(Q‖M) against the global mixture (one all-reduce).
+- :class:`CompareOp`: P and Q both ways (both KLs, entropies, log-probs and top-1 ids) from the same tiles and one
+  gather, values only (a model audit).
 - :class:`TopKOp`: the KL between a top-k teacher and the student over K + 1 buckets (one gather of the tail's
   log-sum-exp and the student's logits at the K ids).
 """
@@ -54,13 +56,10 @@ class KLStats(NamedTuple):
     k3: Tensor | None
 
 
-def merge_blocks(parts: Tensor, group: int = 16) -> Tensor:
-    """The merged KL stats of ``[blocks, num_stats, rows]`` block stats, in float64, ``group`` blocks at a time: the
-    merge's temporaries are then ``[group, rows]`` arrays, not ``[blocks, rows]`` ones (a few MiB at 60 blocks)."""
-    parts = parts.to(torch.float64)
-    while parts.shape[0] > 1:
-        parts = torch.stack([_stats.merge_stats(parts[i : i + group]) for i in range(0, len(parts), group)])
-    return parts[0]
+def merge_blocks(parts: Tensor) -> Tensor:
+    """The merged KL stats of ``[blocks, num_stats, rows]`` block stats, in float64 (the driver hands over at most
+    :data:`shardkl._engine.MERGE_GROUP` blocks at a time)."""
+    return _stats.merge_stats(parts.to(torch.float64))
 
 
 def _log_prob(token_logit: Tensor, lse: Tensor) -> Tensor:
@@ -170,6 +169,127 @@ def run_kl(call: Call, *, entropy: bool = True) -> KLStats:
     log_ratio = logq - logp
     k1, k2, k3 = (estimators.from_log_ratio(log_ratio, name) for name in estimators.SAMPLED_ESTIMATORS)  # type: ignore[arg-type]
     return KLStats(kl, ent, logp, logq, k1, k2, k3)
+
+
+class CompareStats(NamedTuple):
+    """Per-token results of :func:`shardkl.compare_stats`: two policies compared both ways, values only.
+
+    Attributes:
+        kl_pq: KL(P‖Q) over the full vocabulary.
+        kl_qp: KL(Q‖P) over the full vocabulary.
+        entropy_p, entropy_q: the entropy of each.
+        p_logprobs, q_logprobs: log P and log Q at the given ids, shaped like them (``None`` without ids).
+        top1_p, top1_q: int64 global id of each one's most likely token (the lowest such id on a tie; -1 for a row
+            without a finite maximum).
+    """
+
+    kl_pq: Tensor
+    kl_qp: Tensor
+    entropy_p: Tensor
+    entropy_q: Tensor
+    p_logprobs: Tensor | None
+    q_logprobs: Tensor | None
+    top1_p: Tensor
+    top1_q: Tensor
+
+
+# rows of CompareOp's per-token floats: KL stats of (P, Q), of (Q, P), each side's maximum and its id, then the logits
+# at the ids (each side's K)
+_FORWARD, _REVERSE, _TOP = slice(0, 4), slice(4, 8), slice(8, 12)
+_TOP_IDS = [9, 11]
+
+
+def _merge_top(parts: Tensor) -> Tensor:
+    """``[blocks, 4, rows]`` (max, id) of each side → ``[4, rows]``: the largest value, the lowest id on a tie."""
+    values, ids = parts[:, [0, 2]], parts[:, [1, 3]]
+    best = values.amax(dim=0)
+    candidates = torch.where(values == best, ids, torch.full_like(ids, float("inf")))
+    return torch.stack([best, candidates.amin(dim=0)], dim=1).reshape(4, -1)
+
+
+class CompareOp:
+    """P and Q compared both ways from the same tiles and one gather: KL(P‖Q), KL(Q‖P), both entropies, both
+    log-probabilities at K ids per token, and both top-1 ids. Forward only (its results carry no gradient).
+
+    Args:
+        ids: ``[rows, K]`` int64 global ids to read the log-probabilities at, or ``None``.
+    """
+
+    def __init__(self, ids: Tensor | None) -> None:
+        self.ids = ids
+
+    def forward(self, d: Driver) -> tuple[tuple[Tensor, ...], tuple[Tensor | None, ...]]:
+        assert d.two
+        ids = None if self.ids is None else self.ids.to(d.device)
+        local_ids = None if ids is None else ids - d.layout.start
+        k = 0 if ids is None else ids.shape[-1]
+
+        def tile_fn(tile: Tile) -> Tensor:
+            assert tile.b is not None
+            kernel, t, dtype = d.kernels.kl_stats, d.temperature, d.dtype
+            # both directions from the same tile (for a linear side: one matmul for both)
+            parts = [kernel(x, y, temperature=t, dtype=dtype) for x, y in ((tile.a, tile.b), (tile.b, tile.a))]
+            for x in (tile.a, tile.b):
+                # the raw logits' maximum (the temperature does not move it) and its column in this rank's slice
+                best, column = x.max(dim=-1)
+                parts.append(torch.stack([best.to(dtype), (column + tile.cols.start).to(dtype)]))
+            if local_ids is not None:
+                values = _tile_values(d, tile, local_ids[tile.rows] - tile.cols.start)
+                parts.append(values.transpose(1, 2).reshape(2 * k, -1).to(dtype))
+            return torch.cat(parts)
+
+        def merge(parts: Tensor) -> Tensor:
+            stats = [merge_blocks(parts[:, _FORWARD]), merge_blocks(parts[:, _REVERSE])]
+            return torch.cat([*stats, _merge_top(parts[:, _TOP].double()), parts[:, 12:].amax(dim=0).double()])
+
+        identity = [NEG_INF, 0.0, NEG_INF, 0.0] * 2 + [NEG_INF, -1.0] * 2 + [NEG_INF] * (2 * k)
+        local = d.reduce(tile_fn, merge=merge, identity=identity).double()
+        # the top-1 columns as global ids (exact in float64)
+        local[_TOP_IDS] += d.layout.start
+        gathered = d.gather(
+            local, lse_rows=[_stats.LA, _stats.LB], what="per-token statistics of both directions",
+            tokens=ids, offsets_used=True,
+        )
+        body = gathered.body
+        if gathered.world == 1:
+            stats = [local[_FORWARD], local[_REVERSE]]
+            top = local[_TOP]
+        else:
+            # ranks merged in float64, in rank order: the same numbers on every rank
+            stats = [_stats.merge_stats(body[:, _FORWARD]), _stats.merge_stats(body[:, _REVERSE])]
+            top = _merge_top(body[:, _TOP])
+        results = []
+        for merged in stats:
+            merged = merged.to(d.dtype)
+            # a row where the first side has no mass at all (every logit -inf: padding) has KL 0, as in exact_kl
+            results.append(torch.where(merged[_stats.LA] == NEG_INF, 0.0, merged[_stats.KL]))
+            results.append(merged[_stats.ENT])
+        kl_pq, ent_p, kl_qp, ent_q = results
+        # -1 where a row has no finite maximum (no mass, or NaN / +inf logits)
+        top1 = torch.where(torch.isfinite(top[[0, 2]]), top[[1, 3]], -1.0).long()
+        outputs = [kl_pq, kl_qp, ent_p, ent_q]
+        if ids is not None:
+            # exactly one rank holds each id; the others sent -inf
+            held = body[:, 12:].amax(dim=0).to(d.dtype).reshape(2, k, -1).transpose(1, 2)
+            lse = stats[0][[_stats.LA, _stats.LB]].to(d.dtype).unsqueeze(-1)
+            outputs += [_log_prob(held[0], lse[0]), _log_prob(held[1], lse[1])]
+        shape = d.lead_shape
+        shaped = [x.reshape(shape) for x in outputs[:4]] + [x.reshape(*shape, k) for x in outputs[4:]]
+        return (*shaped, top1[0].reshape(shape), top1[1].reshape(shape)), ()
+
+    def backward(
+        self, d: Driver, saved: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], needs: Sequence[bool]
+    ) -> tuple[Tensor | None, ...]:
+        raise RuntimeError("compare_stats gives values only; differentiate exact_kl or kl_stats instead")
+
+
+def run_compare(call: Call, ids: Tensor | None) -> CompareStats:
+    """:class:`CompareOp` on a resolved call, without autograd; ``ids`` ``[..., K]`` global ids or ``None``."""
+    flat = None if ids is None else ids.reshape(call.p.shape[:-1].numel(), ids.shape[-1])
+    outputs = run(call, CompareOp(flat), differentiable=False)
+    kl_pq, kl_qp, ent_p, ent_q = outputs[:4]
+    logp, logq = outputs[4:6] if ids is not None else (None, None)
+    return CompareStats(kl_pq, kl_qp, ent_p, ent_q, logp, logq, outputs[-2], outputs[-1])
 
 
 def _finite_rows(lse_a: Tensor, lse_b: Tensor) -> Tensor:
@@ -318,4 +438,4 @@ class TopKOp:
         return d.backward(tile_fn, needs)
 
 
-__all__ = ["JSDOp", "KLOp", "KLStats", "TopKOp", "merge_blocks", "run_kl"]
+__all__ = ["CompareOp", "CompareStats", "JSDOp", "KLOp", "KLStats", "TopKOp", "merge_blocks", "run_compare", "run_kl"]

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from shardkl._inputs import resolve
-from shardkl._ops import KLStats, run_kl
+from shardkl._ops import CompareStats, KLStats, run_compare, run_kl
 from shardkl.distributed import ProcessGroup
 from shardkl.estimators import SampledEstimator, check_estimator
 from shardkl.layout import VocabLayout
@@ -63,6 +64,69 @@ def kl_stats(
         temperature=temperature, options=options, two_inputs=True,
     )
     return run_kl(call)
+
+
+def compare_stats(
+    p_logits: Logits,
+    q_logits: Logits,
+    tokens: Tensor | None = None,
+    *,
+    group: ProcessGroup | None = None,
+    layout: VocabLayout | None = None,
+    temperature: float = 1.0,
+    valid_vocab_size: int | None = None,
+    options: Options | None = None,
+) -> CompareStats:
+    """Two sharded policies compared both ways, from one pass over their tiles and one collective: KL(P‖Q) and
+    KL(Q‖P), both entropies, both log-probabilities at the tokens and both top-1 ids. For audits and monitoring:
+    the results carry no gradient (differentiate :func:`exact_kl` or :func:`kl_stats`).
+
+    With :class:`shardkl.LinearLogits` on both sides, each side's logit tile is computed once for all of these
+    (two calls of :func:`kl_stats` and two argmax passes would compute it three times).
+
+    Args:
+        p_logits: this rank's slice of the logits of P, ``[..., V_local]`` (or a DTensor sharded on its last
+            dimension).
+        q_logits: this rank's slice of the logits of Q, same shape.
+        tokens: global token ids, ``[...]`` (one per position) or ``[..., K]`` (K per position, e.g. the next token
+            and draws from P), or ``None``.
+        group, layout, temperature, valid_vocab_size, options: as in :func:`kl_stats`.
+
+    Returns:
+        :class:`CompareStats`, float32 (float64 if either input is float64; the top-1 ids int64), the same on every
+        rank of the group.
+
+    Shape:
+        logits ``[..., V_local]`` → ``kl_pq``, ``kl_qp``, ``entropy_p``, ``entropy_q``, ``top1_p``, ``top1_q``
+        ``[...]``; ``p_logprobs``, ``q_logprobs`` shaped like ``tokens``.
+    """
+    call = resolve(
+        p_logits, q_logits, None, None, group=group, layout=layout, valid_vocab_size=valid_vocab_size,
+        temperature=temperature, options=options, two_inputs=True, per_token={"tokens": tokens},
+    )
+    tokens = call.per_token["tokens"]
+    if tokens is None:
+        return run_compare(call, None)
+    stats = run_compare(call, _ids_per_position(tokens, call.p.shape[:-1]))
+    assert stats.p_logprobs is not None and stats.q_logprobs is not None
+    return stats._replace(p_logprobs=stats.p_logprobs.reshape(tokens.shape),
+                          q_logprobs=stats.q_logprobs.reshape(tokens.shape))
+
+
+def _ids_per_position(tokens: object, lead: torch.Size) -> Tensor:
+    """``[..., K]`` int64 ids from ``[...]`` or ``[..., K]`` tokens, or a clear error."""
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"tokens must be a torch.Tensor or None, got {type(tokens).__name__}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens must have an integer dtype, got {tokens.dtype}")
+    if tokens.shape == lead:
+        return tokens.long().unsqueeze(-1)
+    if tokens.dim() == len(lead) + 1 and tokens.shape[:-1] == lead:
+        return tokens.long()
+    raise ValueError(
+        f"tokens must have the logits' shape without the vocabulary dimension, {tuple(lead)}, or that shape and a "
+        f"number of ids per position, {(*lead, 'K')}; got {tuple(tokens.shape)}"
+    )
 
 
 def exact_kl(
@@ -193,4 +257,6 @@ def entropy(
     return run_kl(call).entropy
 
 
-__all__ = ["KLStats", "entropy", "exact_kl", "kl_stats", "sampled_kl", "token_logprobs"]
+__all__ = [
+    "CompareStats", "KLStats", "compare_stats", "entropy", "exact_kl", "kl_stats", "sampled_kl", "token_logprobs",
+]

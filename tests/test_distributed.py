@@ -124,3 +124,43 @@ def _check_collectives_and_padding(rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_one_collective_forward_none_backward_and_padding(world: int) -> None:
     run_ranks(_check_collectives_and_padding, world)
+
+
+def _check_compare_stats(rank: int, world: int) -> None:
+    sizes = split_sizes(VOCAB, world, "uneven")
+    a, b, tokens, _ = _global_inputs()
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, VOCAB, (*tokens.shape, 3), generator=g)
+    # a tie for P's top-1 between the first and the last rank's columns: the lower id wins, as in one argmax
+    a[0, 0, 0] = a[0, 0, -1] = a[0, 0].max() + 1
+    layout = local_layout(sizes, rank)
+    x, y = local_slice(a, sizes, rank).float(), local_slice(b, sizes, rank).float()
+    with count_collectives() as calls:
+        got = shardkl.compare_stats(x, y, ids, layout=layout, temperature=0.9)
+    assert calls.total == 1, calls.calls
+    forward, reverse = reference(a, b, None, 0.9), reference(b, a, None, 0.9)
+    logp, logq = torch.log_softmax(a / 0.9, -1), torch.log_softmax(b / 0.9, -1)
+    want = {
+        "kl_pq": forward["exact_kl"], "kl_qp": reverse["exact_kl"], "entropy_p": forward["entropy"],
+        "entropy_q": reverse["entropy"], "p_logprobs": logp.gather(-1, ids), "q_logprobs": logq.gather(-1, ids),
+    }
+    for name, value in want.items():
+        torch.testing.assert_close(getattr(got, name).double(), value, rtol=3e-5, atol=3e-5, msg=name)
+    assert got.top1_p[0, 0] == 0
+    assert torch.equal(got.top1_p, a.argmax(-1)) and torch.equal(got.top1_q, b.argmax(-1))
+    # the same from each rank's rows of two output layers (the logits never exist)
+    hidden = torch.randn(2, 5, 8, generator=g)
+    w_p, w_q = torch.randn(VOCAB, 8, generator=g), torch.randn(VOCAB, 8, generator=g)
+    p = shardkl.LinearLogits(hidden, local_slice(w_p.T, sizes, rank).T)
+    q = shardkl.LinearLogits(hidden * 0.5, local_slice(w_q.T, sizes, rank).T)
+    got = shardkl.compare_stats(p, q, ids[..., 0], layout=layout)
+    a, b = hidden.double() @ w_p.double().T, (hidden * 0.5).double() @ w_q.double().T
+    torch.testing.assert_close(got.kl_qp.double(), reference(b, a)["exact_kl"], rtol=3e-5, atol=3e-5)
+    torch.testing.assert_close(got.p_logprobs.double(), reference(a, b, ids[..., 0])["p_logprobs"], rtol=3e-5,
+                               atol=3e-5)
+    assert torch.equal(got.top1_q, b.argmax(-1))
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_compare_stats_matches_reference_in_one_collective(world: int) -> None:
+    run_ranks(_check_compare_stats, world)

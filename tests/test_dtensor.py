@@ -54,6 +54,10 @@ def _check_1d(rank: int, world: int, vocab: int) -> None:
     # every public function takes DTensors; the group argument may name the mesh's own group
     torch.testing.assert_close(shardkl.entropy(x.detach()), ref["entropy"].detach())
     torch.testing.assert_close(shardkl.token_logprobs(x.detach(), tokens), ref["p_logprobs"].detach())
+    both = shardkl.compare_stats(x.detach(), y.detach(), tokens)
+    torch.testing.assert_close(both.kl_qp, reference(b, a)["exact_kl"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(both.q_logprobs, ref["q_logprobs"].detach(), rtol=1e-12, atol=1e-12)
+    assert torch.equal(both.top1_p, a.argmax(-1)) and torch.equal(both.top1_q, b.argmax(-1))
     torch.testing.assert_close(
         shardkl.exact_kl(x.detach(), y.detach(), group=mesh.get_group(0), reduction="sum"),
         ref["exact_kl"].detach().sum(),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import shardkl
-from shardkl import _sources
+from shardkl import _engine, _sources
 from tests.reference import reference
 
 IMPLS = ["eager", "compiled", "auto"]
@@ -60,10 +60,13 @@ def _spiky_linear(vocab: int, spike: int, seed: int = 0) -> tuple[torch.Tensor, 
     return h, w_p, w_q, bias_q
 
 
-def test_more_than_sixteen_vocabulary_blocks_are_all_merged() -> None:
-    # 512-column blocks on CPU: 18 blocks, merged 16 at a time and then once more; the spike sits in block 17
+@pytest.mark.parametrize("spike_block", [7, 8, 16, 17])
+def test_many_vocabulary_blocks_are_all_merged(spike_block: int) -> None:
+    # 512-column blocks on CPU: 18 blocks, folded MERGE_GROUP (8) at a time as they come; the spike sits in the last
+    # block of a group, the first after a merge, or the last block of the call
+    assert _engine.MERGE_GROUP == 8
     vocab = 17 * _sources.MAX_TILE_COLS + 100
-    spike = 16 * _sources.MAX_TILE_COLS + 7
+    spike = spike_block * _sources.MAX_TILE_COLS + 7
     h, w_p, w_q, bias_q = _spiky_linear(vocab, spike)
     got = shardkl.kl_stats(shardkl.LinearLogits(h, w_p), shardkl.LinearLogits(h, w_q, bias_q))
     ref = reference(h @ w_p.T, h @ w_q.T + bias_q, None, 1.0)

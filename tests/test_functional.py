@@ -264,3 +264,91 @@ def test_bad_tokens_and_estimator() -> None:
         shardkl.token_logprobs(a, torch.tensor([0, 5, 1]))
     with pytest.raises(ValueError, match="estimator must be one of"):
         shardkl.sampled_kl(a, a, torch.zeros(3, dtype=torch.long), estimator="k4")
+
+
+def _compare_reference(a: torch.Tensor, b: torch.Tensor, ids: torch.Tensor, temperature: float) -> dict:
+    forward, reverse = reference(a, b, None, temperature), reference(b, a, None, temperature)
+    logp = torch.log_softmax(a.double() / temperature, -1)
+    logq = torch.log_softmax(b.double() / temperature, -1)
+    return {
+        "kl_pq": forward["exact_kl"], "kl_qp": reverse["exact_kl"], "entropy_p": forward["entropy"],
+        "entropy_q": reverse["entropy"], "p_logprobs": logp.gather(-1, ids), "q_logprobs": logq.gather(-1, ids),
+        "top1_p": a.argmax(-1), "top1_q": b.argmax(-1),
+    }
+
+
+def _check_compare(got: shardkl.CompareStats, ref: dict, tol: float) -> None:
+    for name, want in ref.items():
+        value = getattr(got, name)
+        assert not value.requires_grad, name
+        if name.startswith("top1"):
+            assert value.dtype == torch.int64 and torch.equal(value, want), name
+        else:
+            torch.testing.assert_close(value.double(), want, rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("impl", ["auto", "eager", "compiled"])
+def test_compare_stats_matches_float64_reference(dtype, temperature, impl) -> None:
+    a, b = _logits((2, 3, 97), scale=3.0, delta=1.0)
+    a, b = a.to(dtype), b.to(dtype)
+    ids = torch.randint(0, 97, (2, 3, 4), generator=torch.Generator().manual_seed(1))
+    ref = _compare_reference(a, b, ids, temperature)
+    got = shardkl.compare_stats(a, b, ids, temperature=temperature, options=shardkl.Options(impl=impl))
+    _check_compare(got, ref, 1e-10 if dtype == torch.float64 else 3e-5)
+    # one id per position: the log-probs take the tokens' shape
+    one = shardkl.compare_stats(a, b, ids[..., 0], temperature=temperature, options=shardkl.Options(impl=impl))
+    assert one.p_logprobs.shape == (2, 3)
+    torch.testing.assert_close(one.q_logprobs, got.q_logprobs[..., 0])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_compare_stats_from_hidden_states_many_blocks(bias, monkeypatch) -> None:
+    """A linear side with more than MERGE_GROUP vocabulary blocks: every block counts, ties go to the lowest id."""
+    from shardkl import _sources
+
+    monkeypatch.setattr(_sources, "MAX_TILE_COLS", 8)
+    monkeypatch.setattr(_sources, "TILE_ELEMENTS", 40)
+    g = torch.Generator().manual_seed(3)
+    hidden_p, hidden_q = torch.randn(2, 7, 6, generator=g), torch.randn(2, 7, 6, generator=g)
+    weight_p, weight_q = torch.randn(301, 6, generator=g), torch.randn(301, 6, generator=g)
+    # a tie at the top of P in two blocks far apart: the lower id wins, as in argmax
+    weight_p[250] = weight_p[40] = 5 * hidden_p[0, 0] / hidden_p[0, 0].norm()
+    bias_p = torch.randn(301, generator=g) if bias else None
+    if bias_p is not None:
+        bias_p[250] = bias_p[40]
+    bias_q = torch.randn(301, generator=g) if bias else None
+    ids = torch.randint(0, 301, (2, 7, 3), generator=g)
+    p = shardkl.LinearLogits(hidden_p, weight_p, bias_p)
+    q = shardkl.LinearLogits(hidden_q, weight_q, bias_q)
+    a = hidden_p.double() @ weight_p.double().T + (0 if bias_p is None else bias_p.double())
+    b = hidden_q.double() @ weight_q.double().T + (0 if bias_q is None else bias_q.double())
+    got = shardkl.compare_stats(p, q, ids, temperature=0.8)
+    assert got.top1_p[0, 0] == 40
+    _check_compare(got, _compare_reference(a, b, ids, 0.8), 3e-5)
+
+
+def test_compare_stats_edge_rows_and_padding() -> None:
+    a, b = _logits((4, 10), scale=2.0, delta=1.0)
+    a[0] = float("-inf")  # P without mass: KL(P||Q) 0, no top-1
+    b[1, 3] = float("-inf")  # Q misses a token P has: KL(P||Q) inf
+    a[2] = b[2]  # the same row: both KLs exactly 0
+    padded_a = torch.cat([a, torch.full((4, 3), 50.0)], -1)  # a padded tail with large logits counts for nothing
+    padded_b = torch.cat([b, torch.full((4, 3), 50.0)], -1)
+    got = shardkl.compare_stats(padded_a, padded_b, valid_vocab_size=10)
+    assert got.kl_pq[0] == 0 and got.top1_p[0] == -1 and got.top1_q[0] == b[0].argmax()
+    assert got.kl_qp[0] == float("inf")
+    assert got.kl_pq[1] == float("inf") and torch.isfinite(got.kl_qp[1])
+    assert got.kl_pq[2] == 0 and got.kl_qp[2] == 0
+    assert torch.equal(got.top1_p[1:], a[1:].argmax(-1)) and torch.equal(got.top1_q, b.argmax(-1))
+
+
+def test_compare_stats_refuses_bad_tokens() -> None:
+    a = torch.zeros(3, 5)
+    with pytest.raises(ValueError, match=r"or that shape and a number of ids per position"):
+        shardkl.compare_stats(a, a, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer dtype"):
+        shardkl.compare_stats(a, a, torch.zeros(3))
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        shardkl.compare_stats(a, a, torch.tensor([[0, 1], [5, 1], [2, 2]]))

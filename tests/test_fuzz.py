@@ -3,9 +3,10 @@
 Each case draws a vocabulary size and a random split of it over the ranks (empty shards included), a dtype, a
 temperature, a kind of logits (ordinary, nearly identical, peaked, huge, padded with ``-inf``, underflowing, at the
 dtype's limits), an implementation, a source (logits, or hidden states with output-layer rows) and a divergence
-(``kl_stats`` with tokens, ``jsd`` at a random β, ``topk_kl`` with a random K and direction). Every rank checks
-values (and, for every other case, gradients) against a float64 reference of the whole vocabulary, that nothing is
-negative, and that every rank holds bit-identical results. The case stream is seeded: a failure names its case.
+(``kl_stats`` with tokens, ``jsd`` at a random β, ``topk_kl`` with a random K and direction, ``compare_stats``
+with K ids per position). Every rank checks values (and, for every other case, gradients) against a float64
+reference of the whole vocabulary, that nothing is negative, and that every rank holds bit-identical results. The
+case stream is seeded: a failure names its case.
 
 ``SHARDKL_FUZZ_CASES`` sets the number of cases per world size (default 24; thousands pass locally).
 """
@@ -64,11 +65,11 @@ def draw(index: int, world: int, seed: int) -> Case:
     r = random.Random(seed * 1000 + index)
     vocab = r.choice([2, 3, 17, 100, 257, 1003, 4096, 40_000])
     cuts = sorted([0, vocab, *(r.randint(0, vocab) for _ in range(world - 1))])
-    op = r.choice(["kl", "kl", "jsd", "topk"])
+    op = r.choice(["kl", "kl", "jsd", "topk", "compare"])
     kind = r.choice(KINDS)
     dtype = r.choice(DTYPES)
     linear = op != "kl" and dtype in (torch.float32, torch.float64) and kind == "normal" and r.random() < 0.5
-    linear = linear or (op == "kl" and dtype in (torch.float32, torch.float64) and r.random() < 0.25)
+    linear = linear or (op in ("kl", "compare") and dtype in (torch.float32, torch.float64) and r.random() < 0.25)
     # hidden states of a real model give ordinary logits; Q may still be of any kind
     linear = linear and kind not in ("huge", "extreme")
     temperature = 1.0 if kind == "extreme" else r.choice([1.0, 1.0, 0.3, 0.7, 2.5])
@@ -76,7 +77,7 @@ def draw(index: int, world: int, seed: int) -> Case:
         index=index, rows=r.randint(1, 5), vocab=vocab, cuts=cuts, dtype=dtype, temperature=temperature, kind=kind,
         impl=r.choice(["eager", "compiled", "auto"]), linear=linear, op=op, beta=r.choice([0.1, 0.5, 0.9]),
         k=r.randint(1, min(vocab, 40)) if r.random() < 0.8 else vocab, direction=r.choice(["forward", "reverse"]),
-        grads=index % 2 == 0, seed=seed * 1000 + index,
+        grads=index % 2 == 0 and op != "compare", seed=seed * 1000 + index,
     )
 
 
@@ -155,6 +156,24 @@ def run_case(case: Case, rank: int, world: int) -> dict[str, torch.Tensor]:
                "q_logprobs": stats.q_logprobs}
         want = reference(ref_a, ref_b, tokens, t)
         # a log-prob of -inf (a padded column, or an underflow) is compared as such
+    elif case.op == "compare":
+        real = max(1, case.vocab - (2 if case.kind == "padded" else 0))
+        ids = torch.randint(0, real, (case.rows, min(case.k, 3)), generator=g)
+        stats = shardkl.compare_stats(source_a, leaf_b, ids, layout=layout, temperature=t, options=options)
+        got = {"kl_pq": stats.kl_pq, "kl_qp": stats.kl_qp, "entropy_p": stats.entropy_p,
+               "entropy_q": stats.entropy_q, "p_logprobs": stats.p_logprobs, "q_logprobs": stats.q_logprobs}
+        forward, reverse = reference(ref_a, ref_b, None, t), reference(ref_b, ref_a, None, t)
+        logp, logq = torch.log_softmax(ref_a / t, -1), torch.log_softmax(ref_b / t, -1)
+        want = {"kl_pq": forward["exact_kl"], "kl_qp": reverse["exact_kl"], "entropy_p": forward["entropy"],
+                "entropy_q": reverse["entropy"], "p_logprobs": logp.gather(-1, ids), "q_logprobs": logq.gather(-1, ids)}
+        for name, top1, x in (("top1_p", stats.top1_p, a), ("top1_q", stats.top1_q, b)):
+            if case.linear and name == "top1_p":
+                # logits from a matmul: a near tie may go either way, but the id holds the largest logit
+                picked = x.gather(-1, top1.unsqueeze(-1))[:, 0]
+                assert (picked >= x.max(-1).values - 1e-5 * (1 + magnitude)).all(), (str(case), name)
+            else:
+                assert torch.equal(top1, x.argmax(-1)), (str(case), name, top1)
+            got[name] = top1
     elif case.op == "jsd":
         got = {"jsd": shardkl.jsd(source_a, leaf_b, beta=case.beta, layout=layout, temperature=t, options=options)}
         want = {"jsd": jsd_reference(ref_a, ref_b, case.beta, t)}
@@ -176,6 +195,8 @@ def run_case(case: Case, rank: int, world: int) -> dict[str, torch.Tensor]:
         atol += 4 * float(excess.abs().nan_to_num().max()) * (1 + float(sizes.max()))
     for name, value in got.items():
         assert value is not None, (str(case), name)
+        if name.startswith("top1"):
+            continue  # checked above
         expected = want[name].detach()
         if name not in ("p_logprobs", "q_logprobs"):
             assert (value >= 0).all(), (str(case), name, value)
@@ -251,7 +272,7 @@ def test_random_calls_on_several_ranks_match_float64_on_every_rank(world: int) -
 def test_the_case_stream_covers_every_axis() -> None:
     # the default number of cases per world still draws every divergence, dtype and kind of logits
     drawn = [draw(i, w, seed) for w, seed in ((1, 1), (2, 3), (3, 4)) for i in range(CASES)]
-    assert {c.op for c in drawn} == {"kl", "jsd", "topk"}
+    assert {c.op for c in drawn} == {"kl", "jsd", "topk", "compare"}
     assert {c.dtype for c in drawn} == set(DTYPES)
     assert {c.impl for c in drawn} == {"eager", "compiled", "auto"}
     assert len({c.kind for c in drawn}) >= len(KINDS) - 1 and any(c.linear for c in drawn)

@@ -27,8 +27,6 @@ from shardkl.apps.audit.corpus import AuditInputError  # noqa: E402
 from shardkl.apps.audit.job import run_rank  # noqa: E402
 from shardkl.apps.audit.plan import plan_audit  # noqa: E402
 from shardkl.apps.audit.stats import describe  # noqa: E402
-from shardkl.layout import VocabLayout  # noqa: E402
-from shardkl.linear import LinearLogits  # noqa: E402
 from tests.apps._audit_fixtures import (  # noqa: E402
     corpus_lines,
     make_model,
@@ -172,34 +170,17 @@ def test_a_padded_p_and_an_unpadded_q_audit_over_the_real_ids(pair: dict[str, Pa
     assert summary["kl_pq"]["p99"] == pytest.approx(np.percentile(ref["kl_pq"], 99), rel=1e-5)
 
 
-def test_top1_over_tiles_and_ranks_is_the_first_maximum(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(compute, "TILE_ELEMENTS", 12)
-    monkeypatch.setattr(compute, "TILE_COLUMNS", 5)
-    torch.manual_seed(0)
-    hidden, weight = torch.randn(9, 4), torch.randn(23, 4)
-    weight[6] *= 4
-    weight[17] = weight[6]  # a tie: the lower id wins, as in argmax
-    hidden[0] = weight[6] * 10
-    expected = (hidden @ weight.T).argmax(-1)
-    assert expected[0] == 6
-    layout = VocabLayout.full(23)
-    got = compute.top1_ids(LinearLogits(hidden, weight), layout)
-    assert torch.equal(got, expected) and torch.equal(compute.top1_ids(hidden @ weight.T, layout), expected)
-    # ids beyond valid_vocab_size are padding: never the top-1
-    weight[22] = hidden[1] * 100
-    padded = VocabLayout.full(23, valid_vocab_size=22)
-    assert compute.top1_ids(LinearLogits(hidden, weight), padded)[1] == (hidden @ weight[:22].T).argmax(-1)[1]
-
-
 def test_token_blocks_bound_the_per_call_temporaries_and_stay_large_enough() -> None:
-    # 3 x rows x H floats per side within 1% of tokens x V logits: 2044 positions, H = 512, V = 32000 -> 5 blocks
-    assert compute.token_block(2044, 512, 32000, min_rows=1) == 409
-    assert 3 * 409 * 512 <= 0.01 * 2044 * 32000
+    # (FLOATS_PER_ROW + FLOATS_PER_ID) x rows within 1% of tokens x V logits: V = 2000 -> 6 blocks of 341 rows
+    assert compute.token_block(2044, 2000, min_rows=1) == 341
+    assert (compute.FLOATS_PER_ROW + compute.FLOATS_PER_ID) * 341 <= 0.01 * 2044 * 2000
+    # a large vocabulary needs no split at all
+    assert compute.token_block(2044, 32000, min_rows=1) == 2044
     # at least min_rows per block (fewer, larger blocks), and one block when the batch is small
-    assert compute.token_block(2044, 512, 32000, min_rows=525) == 682
-    assert compute.token_block(60, 32, 300) == 60
-    # draws multiply the rows of the forward call, so the blocks shrink
-    with_draws, without = (compute.token_block(4096, 4096, 128256, copies, min_rows=1) for copies in (5, 1))
+    assert compute.token_block(2044, 2000, min_rows=525) == 682
+    assert compute.token_block(60, 300) == 60
+    # draws add ids per position, so the blocks shrink
+    with_draws, without = (compute.token_block(4096, 8000, ids, min_rows=1) for ids in (9, 1))
     assert with_draws < without
 
 
