@@ -4,7 +4,8 @@ Timing: after one warm-up call per method (which also counts its collectives), t
 interleaved rounds (floor, baselines, shardkl, floor, ...), so a burst of load from another process slows every
 method of a round alike instead of one method's whole sample; each method's median, 20th and 80th percentiles are
 kept. A method faster than ``MIN_SAMPLE_S`` is repeated inside a sample, one slower than ``SLOW_CALL_S`` gets 3
-rounds (the same counts on every rank). On several ranks a sample starts after a barrier (a one-float all-gather
+rounds (the same counts on every rank), and the sample after one of its samples starts with an untimed call
+(:func:`timed_rounds`). On several ranks a sample starts after a barrier (a one-float all-gather
 through ``shardkl.distributed``).
 
 Memory, measured in one more call after the timing: on CUDA the allocator's peak above what was held before the
@@ -246,6 +247,45 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, (oom, MemoryError))
 
 
+Key = tuple[str, str]
+
+
+def timed_rounds(
+    calls: dict[Key, Callable[[], Any]],
+    keys: list[Key],
+    rounds: int,
+    reps: dict[Key, int],
+    inner: dict[Key, int],
+    slow: set[Key],
+    *,
+    ready: Callable[[], None],
+    sync: Callable[[], None],
+) -> dict[Key, list[float]]:
+    """Seconds per call of each key's samples: ``rounds`` rounds in which the keys take turns (a key stops after its
+    ``reps``), ``inner[key]`` calls per sample, ``ready()`` before each sample (a barrier on several ranks).
+
+    A sample that follows a sample of a ``slow`` key (the baselines that allocate and free gigabytes) starts with one
+    untimed call of its own: the operating system takes freed memory back for a while after such a call, and the
+    next call paid for it (measured: the default call right after naive PyTorch took 70-83 ms against 47 ms).
+    """
+    samples: dict[Key, list[float]] = {key: [] for key in keys}
+    for round_ in range(rounds):
+        previous: Key | None = None
+        for key in keys:
+            if round_ >= reps[key]:
+                continue
+            if previous in slow:
+                calls[key]()
+            ready()
+            start = time.perf_counter()
+            for _ in range(inner[key]):
+                calls[key]()
+            sync()
+            samples[key].append((time.perf_counter() - start) / inner[key])
+            previous = key
+    return samples
+
+
 def measure_point(point: Point, config: Config, group: Any, info: dict[str, Any]) -> list[Row]:
     """Every method of ``point`` on this rank (all ranks call it together)."""
     rank, world = rank_and_size(group)
@@ -261,7 +301,7 @@ def measure_point(point: Point, config: Config, group: Any, info: dict[str, Any]
     if not point.full:
         table = {k: m for k, m in table.items() if k in floors or "[" in k}
 
-    calls: dict[tuple[str, str], Callable[[], Any]] = {}
+    calls: dict[Key, Callable[[], Any]] = {}
     for name, method in table.items():
 
         def forward(fn: methods_.Fn = method.fn) -> Any:
@@ -276,10 +316,11 @@ def measure_point(point: Point, config: Config, group: Any, info: dict[str, Any]
         if point.full and not method.forward_only:
             calls[(name, "forward+backward")] = both
 
-    counted: dict[tuple[str, str], tuple[int, int]] = {}
-    inner: dict[tuple[str, str], int] = {}
-    reps: dict[tuple[str, str], int] = {}
-    errors: dict[tuple[str, str], str] = {}
+    counted: dict[Key, tuple[int, int]] = {}
+    inner: dict[Key, int] = {}
+    reps: dict[Key, int] = {}
+    errors: dict[Key, str] = {}
+    slow: set[Key] = set()
     for key, fn in calls.items():
         _barrier(group)
         start = time.perf_counter()
@@ -296,20 +337,15 @@ def measure_point(point: Point, config: Config, group: Any, info: dict[str, Any]
         counted[key] = (counter.total, counter.bytes_sent)
         inner[key] = min(MAX_INNER, max(1, math.ceil(MIN_SAMPLE_S / max(first, 1e-9))))
         reps[key] = min(config.reps, 3) if first > SLOW_CALL_S else config.reps
+        if first > SLOW_CALL_S:
+            slow.add(key)
     live = [key for key in calls if key not in errors]
 
-    samples: dict[tuple[str, str], list[float]] = {key: [] for key in live}
-    for round_ in range(config.reps):
-        for key in live:
-            if round_ >= reps[key]:
-                continue
-            _barrier(group)
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(inner[key]):
-                calls[key]()
-            _sync(device)
-            samples[key].append((time.perf_counter() - start) / inner[key])
+    def ready() -> None:
+        _barrier(group)
+        _sync(device)
+
+    samples = timed_rounds(calls, live, config.reps, reps, inner, slow, ready=ready, sync=lambda: _sync(device))
 
     floor_s = {name: statistics.median(samples[(name, "forward")]) for name in floors}
     rows = []

@@ -240,6 +240,21 @@ def test_peak_memory_accounting_sees_a_temporary_and_not_a_view() -> None:
     assert measure.peak_extra_bytes(lambda: x[10:].mul_(2), torch.device("cpu")) == 0
 
 
+def test_rounds_interleave_and_settle_after_a_slow_method() -> None:
+    log: list[str] = []
+    keys = [("floor", "forward"), ("naive", "forward"), ("auto", "forward"), ("eager", "forward")]
+    calls = {key: (lambda name=key[0]: log.append(name)) for key in keys}
+    reps = {key: 3 for key in keys} | {("naive", "forward"): 2}
+    inner = {key: 1 for key in keys} | {("floor", "forward"): 2}
+    samples = measure.timed_rounds(
+        calls, keys, 3, reps, inner, {("naive", "forward")}, ready=lambda: log.append("|"), sync=lambda: None
+    )
+    assert [len(samples[key]) for key in keys] == [3, 2, 3, 3]
+    # after a sample of the slow method, the next method is called once untimed, before its barrier
+    round_ = ["|", "floor", "floor", "|", "naive", "auto", "|", "auto", "|", "eager"]
+    assert log == round_ * 2 + ["|", "floor", "floor", "|", "auto", "|", "eager"]
+
+
 def test_bandwidth_of_known_and_unknown_devices() -> None:
     assert measure.hbm_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
     assert measure.hbm_bandwidth("NVIDIA H100 PCIe") == 2.0e12
