@@ -82,14 +82,16 @@ def _check_temperature(temperature: object) -> float:
     return float(temperature)
 
 
-def _check_tokens(tokens: object, shape: torch.Size, device: torch.device) -> Tensor:
+def _check_tokens(tokens: object, shape: torch.Size, device: torch.device, *, several: bool) -> Tensor:
     if not isinstance(tokens, Tensor):
         raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise TypeError(f"tokens must have an integer dtype, got {tokens.dtype}")
-    if tokens.shape != shape:
+    per_position = several and tokens.dim() == len(shape) + 1 and tokens.shape[:-1] == shape
+    if tokens.shape != shape and not per_position:
+        also = f", or that shape and a number of ids per position, {(*shape, 'K')}" if several else ""
         raise ValueError(
-            f"tokens must have the logits' shape without the vocabulary dimension, {tuple(shape)}, "
+            f"tokens must have the logits' shape without the vocabulary dimension, {tuple(shape)}{also}; "
             f"got {tuple(tokens.shape)}"
         )
     return tokens.to(device=device, dtype=torch.long)
@@ -187,6 +189,7 @@ def resolve(
     p_name: str = "p_logits",
     q_name: str = "q_logits",
     per_token: dict[str, Any] | None = None,
+    tokens_per_position: bool = False,
 ) -> Call:
     """Unwrap, lay out, trim and check one public call's arguments (see the module docstring).
 
@@ -200,6 +203,7 @@ def resolve(
         p_name, q_name: the public names of the two arguments, for messages.
         per_token: other per-token tensors by name, returned in :attr:`Call.per_token` (DTensors: their local parts,
             which must be replicated over the vocabulary mesh dimension); their shapes are the caller's to check.
+        tokens_per_position: ``tokens`` may also hold several ids per position, ``[..., K]``.
 
     Returns:
         :class:`Call`.
@@ -254,7 +258,7 @@ def resolve(
         if _device(q) != _device(p):
             raise ValueError(f"{p_name} and {q_name} must be on one device, got {_device(p)} and {_device(q)}")
     lead = p.shape[:-1]
-    t = None if tokens is None else _check_tokens(tokens, lead, _device(p))
+    t = None if tokens is None else _check_tokens(tokens, lead, _device(p), several=tokens_per_position)
     mask = check_mask_shape(mask, lead)
     keep = resolved.kept_size
     p = _trim(p, keep)

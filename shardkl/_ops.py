@@ -25,7 +25,7 @@ from torch import Tensor
 
 from shardkl import _divergences, _stats, _teacher_checks, estimators
 from shardkl._divergences import Direction
-from shardkl._engine import Driver, run
+from shardkl._engine import Driver, Gathered, run
 from shardkl._inputs import Call
 from shardkl._sources import Tile, held_values
 from shardkl.kernels import GradInputs, scaled
@@ -67,6 +67,19 @@ def _log_prob(token_logit: Tensor, lse: Tensor) -> Tensor:
     keeps a log-probability from exceeding 0 by a rounding (a token logit and a log-sum-exp computed apart)."""
     no_mass = torch.isinf(lse) & (lse < 0)
     return torch.where(no_mass, torch.full_like(lse, NEG_INF), (token_logit - lse).clamp(max=0.0))
+
+
+def _ranks_merged(local: Tensor, gathered: Gathered, rows: slice, dtype: torch.dtype) -> Tensor:
+    """The KL stats ``rows`` of the call merged over the ranks, in ``dtype``; this rank's own on one rank. The merge
+    runs in float64, in rank order: O(tokens x ranks), no rounding of its own, the same numbers on every rank."""
+    merged = local[rows] if gathered.world == 1 else _stats.merge_stats(gathered.body[:, rows])
+    return merged.to(dtype)
+
+
+def _kl(merged: Tensor) -> Tensor:
+    """The KL row of merged two-input stats. Convention: a row where the first input has no mass at all (every logit
+    -inf: an empty, masked row) has KL 0."""
+    return torch.where(merged[_stats.LA] == NEG_INF, 0.0, merged[_stats.KL])
 
 
 def _tile_values(d: Driver, tile: Tile, cols: Tensor) -> Tensor:
@@ -111,16 +124,9 @@ class KLOp:
             local, lse_rows=[_stats.LA, _stats.LB][:sides], what="per-token statistics", tokens=self.tokens,
             mask=self.mask,
         )
-        if gathered.world == 1:
-            merged = local[:num_stats].to(d.dtype)
-        else:
-            # the merge of the ranks runs in float64: O(tokens x ranks), it adds no rounding of its own
-            merged = _stats.merge_stats(gathered.body[:, :num_stats]).to(d.dtype)
-        if d.two:
-            # convention: a row where P has no mass at all (every logit -inf) is an empty, masked row with KL 0
-            merged[_stats.KL] = torch.where(merged[_stats.LA] == NEG_INF, 0.0, merged[_stats.KL])
+        merged = _ranks_merged(local, gathered, slice(0, num_stats), d.dtype)
         lse_a, ent = merged[_stats.LA], merged[_stats.ENT]
-        lse_b, kl = (merged[_stats.LB], merged[_stats.KL]) if d.two else (None, None)
+        lse_b, kl = (merged[_stats.LB], _kl(merged)) if d.two else (None, None)
         zeros = torch.zeros(d.rows, dtype=d.dtype, device=d.device)
         logp = logq = zeros
         if local_tokens is not None:
@@ -251,27 +257,16 @@ class CompareOp:
             tokens=ids, offsets_used=True,
         )
         body = gathered.body
-        if gathered.world == 1:
-            stats = [local[_FORWARD], local[_REVERSE]]
-            top = local[_TOP]
-        else:
-            # ranks merged in float64, in rank order: the same numbers on every rank
-            stats = [_stats.merge_stats(body[:, _FORWARD]), _stats.merge_stats(body[:, _REVERSE])]
-            top = _merge_top(body[:, _TOP])
-        results = []
-        for merged in stats:
-            merged = merged.to(d.dtype)
-            # a row where the first side has no mass at all (every logit -inf: padding) has KL 0, as in exact_kl
-            results.append(torch.where(merged[_stats.LA] == NEG_INF, 0.0, merged[_stats.KL]))
-            results.append(merged[_stats.ENT])
-        kl_pq, ent_p, kl_qp, ent_q = results
+        forward = _ranks_merged(local, gathered, _FORWARD, d.dtype)
+        reverse = _ranks_merged(local, gathered, _REVERSE, d.dtype)
+        top = local[_TOP] if gathered.world == 1 else _merge_top(body[:, _TOP])
         # -1 where a row has no finite maximum (no mass, or NaN / +inf logits)
         top1 = torch.where(torch.isfinite(top[[0, 2]]), top[[1, 3]], -1.0).long()
-        outputs = [kl_pq, kl_qp, ent_p, ent_q]
+        outputs = [_kl(forward), _kl(reverse), forward[_stats.ENT], reverse[_stats.ENT]]
         if ids is not None:
             # exactly one rank holds each id; the others sent -inf
             held = body[:, 12:].amax(dim=0).to(d.dtype).reshape(2, k, -1).transpose(1, 2)
-            lse = stats[0][[_stats.LA, _stats.LB]].to(d.dtype).unsqueeze(-1)
+            lse = forward[[_stats.LA, _stats.LB]].unsqueeze(-1)
             outputs += [_log_prob(held[0], lse[0]), _log_prob(held[1], lse[1])]
         shape = d.lead_shape
         shaped = [x.reshape(shape) for x in outputs[:4]] + [x.reshape(*shape, k) for x in outputs[4:]]
@@ -283,12 +278,15 @@ class CompareOp:
         raise RuntimeError("compare_stats gives values only; differentiate exact_kl or kl_stats instead")
 
 
-def run_compare(call: Call, ids: Tensor | None) -> CompareStats:
-    """:class:`CompareOp` on a resolved call, without autograd; ``ids`` ``[..., K]`` global ids or ``None``."""
-    flat = None if ids is None else ids.reshape(call.p.shape[:-1].numel(), ids.shape[-1])
-    outputs = run(call, CompareOp(flat), differentiable=False)
+def run_compare(call: Call) -> CompareStats:
+    """:class:`CompareOp` on a resolved call, without autograd; its tokens ``[...]`` or ``[..., K]`` (log-probs
+    shaped like them) or ``None``."""
+    lead = call.p.shape[:-1]
+    tokens = call.tokens
+    ids = None if tokens is None else tokens.reshape(lead.numel(), tokens.shape[-1] if tokens.dim() > len(lead) else 1)
+    outputs = run(call, CompareOp(ids), differentiable=False)
     kl_pq, kl_qp, ent_p, ent_q = outputs[:4]
-    logp, logq = outputs[4:6] if ids is not None else (None, None)
+    logp, logq = (None, None) if tokens is None else (x.reshape(tokens.shape) for x in outputs[4:6])
     return CompareStats(kl_pq, kl_qp, ent_p, ent_q, logp, logq, outputs[-2], outputs[-1])
 
 

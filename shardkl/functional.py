@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from shardkl._inputs import resolve
@@ -101,32 +100,10 @@ def compare_stats(
         ``[...]``; ``p_logprobs``, ``q_logprobs`` shaped like ``tokens``.
     """
     call = resolve(
-        p_logits, q_logits, None, None, group=group, layout=layout, valid_vocab_size=valid_vocab_size,
-        temperature=temperature, options=options, two_inputs=True, per_token={"tokens": tokens},
+        p_logits, q_logits, tokens, None, group=group, layout=layout, valid_vocab_size=valid_vocab_size,
+        temperature=temperature, options=options, two_inputs=True, tokens_per_position=True,
     )
-    tokens = call.per_token["tokens"]
-    if tokens is None:
-        return run_compare(call, None)
-    stats = run_compare(call, _ids_per_position(tokens, call.p.shape[:-1]))
-    assert stats.p_logprobs is not None and stats.q_logprobs is not None
-    return stats._replace(p_logprobs=stats.p_logprobs.reshape(tokens.shape),
-                          q_logprobs=stats.q_logprobs.reshape(tokens.shape))
-
-
-def _ids_per_position(tokens: object, lead: torch.Size) -> Tensor:
-    """``[..., K]`` int64 ids from ``[...]`` or ``[..., K]`` tokens, or a clear error."""
-    if not isinstance(tokens, Tensor):
-        raise TypeError(f"tokens must be a torch.Tensor or None, got {type(tokens).__name__}")
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise TypeError(f"tokens must have an integer dtype, got {tokens.dtype}")
-    if tokens.shape == lead:
-        return tokens.long().unsqueeze(-1)
-    if tokens.dim() == len(lead) + 1 and tokens.shape[:-1] == lead:
-        return tokens.long()
-    raise ValueError(
-        f"tokens must have the logits' shape without the vocabulary dimension, {tuple(lead)}, or that shape and a "
-        f"number of ids per position, {(*lead, 'K')}; got {tuple(tokens.shape)}"
-    )
+    return run_compare(call)
 
 
 def exact_kl(
