@@ -140,16 +140,14 @@ def _main_ray(config: Any, on_shard: Any) -> int:
         return 2
     import ray
 
-    from shardkl.apps.ray_job import RayJobError, start_ray
+    from shardkl.apps.ray_job import RayJobError, start_failure, start_ray
 
     address = config.ray_address or os.environ.get("RAY_ADDRESS", "")
     _say(f"starting Ray: {'joining ' + address if address else 'embedded local instance'}")
     try:
         logs = start_ray(address, verbose=config.verbose)
     except Exception as exc:  # connection, authentication, resources: one line, not Ray's traceback
-        text = str(exc).strip()
-        print(f"{PROG}: error: could not {'join Ray at ' + address if address else 'start Ray'}: "
-              f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}", file=sys.stderr)
+        print(f"{PROG}: error: {start_failure(address, exc)}", file=sys.stderr)
         return 1
     if not config.verbose:
         _say(f"Ray's own logs: {logs}")

@@ -82,7 +82,7 @@ def main(argv: list[str], *, on_stage: Any = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from shardkl.apps import runtime
     from shardkl.apps.progress import StageLog, Timeline
-    from shardkl.apps.ray_job import RayJobError, quiet_ray_logging, run_on_ray, start_ray
+    from shardkl.apps.ray_job import RayJobError, quiet_ray_logging, run_on_ray, start_failure, start_ray
 
     if options.num_workers == 0:
         # Ray Train's local mode: no cluster; under torchrun every rank runs the same worker function
@@ -106,9 +106,7 @@ def main(argv: list[str], *, on_stage: Any = None) -> int:
         try:
             logs = start_ray(address, verbose=options.verbose)
         except Exception as exc:  # connection, authentication, resources: one line, not Ray's traceback
-            text = str(exc).strip()
-            print(f"{PROG}: error: could not {'join Ray at ' + address if address else 'start Ray'}: "
-                  f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}", file=sys.stderr)
+            print(f"{PROG}: error: {start_failure(address, exc)}", file=sys.stderr)
             return 1
         after = timeline.mark("Ray start")
         log.end_stage(f"Ray ready after {after:.1f} s" + ("" if options.verbose else f"; its logs: {logs}"))

@@ -167,6 +167,14 @@ def start_ray(address: str = "", *, verbose: bool = False) -> str:
     return os.path.join(session, "logs") if session else "(unknown)"
 
 
+def start_failure(address: str, exc: BaseException) -> str:
+    """The one line a launcher prints when :func:`start_ray` raised (connection, authentication, resources), instead
+    of Ray's traceback."""
+    text = str(exc).strip()
+    where = "join Ray at " + address if address else "start Ray"
+    return f"could not {where}: {type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _first_line(text: str, limit: int = 300) -> str:
     line = next((s.strip() for s in text.splitlines() if s.strip()), "")
     return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -15,7 +15,14 @@ pytest.importorskip("ray.train.torch")
 
 from shardkl.apps.experiment import ExperimentConfig  # noqa: E402
 from shardkl.apps.progress import StageLog, Timeline  # noqa: E402
-from shardkl.apps.ray_job import STAGES, ProgressBoard, _describe_failure, _Watcher, run_on_ray  # noqa: E402
+from shardkl.apps.ray_job import (  # noqa: E402
+    STAGES,
+    ProgressBoard,
+    _describe_failure,
+    _Watcher,
+    run_on_ray,
+    start_failure,
+)
 
 
 def _board(marks: list[tuple[int, str, float]]) -> dict:
@@ -85,3 +92,11 @@ def test_bad_arguments_raise_before_anything_starts(kwargs: dict, message: str) 
     config = kwargs.pop("config", ExperimentConfig())
     with pytest.raises(ValueError, match=message):
         run_on_ray(config, **kwargs)
+
+
+def test_a_failed_ray_start_is_one_line_naming_where() -> None:
+    error = ConnectionError("Could not connect to 10.0.0.1:6379\nafter 3 attempts")
+    assert start_failure("10.0.0.1:6379", error) == (
+        "could not join Ray at 10.0.0.1:6379: ConnectionError: Could not connect to 10.0.0.1:6379"
+    )
+    assert start_failure("", RuntimeError("")) == "could not start Ray: RuntimeError: "
