@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 import shardkl
 from tests._distributed import run_ranks
+from tests.kernels.cases import dtype_extremes
 from tests.reference import reference
 
 
@@ -87,16 +88,8 @@ def test_huge_logits_stay_accurate(dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_dtype_extremes_give_no_nan_and_no_negative_kl(dtype) -> None:
-    info = torch.finfo(dtype)
-    g = torch.Generator().manual_seed(2)
-    a = torch.randn(5, 50, generator=g) * 3
-    b = torch.randn(5, 50, generator=g) * 3
-    a[0, :10], b[0, -10:] = info.max, info.max  # P and Q concentrated on disjoint extreme columns
-    a[1], b[1] = info.max, info.min  # uniform P, Q uniform too (all columns at the same extreme)
-    a[2, ::2], b[2] = info.min, info.max
-    a[3, 7], b[3, 7] = info.max, info.max
-    a, b = a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
-    tokens = torch.tensor([0, 1, 1, 7, 4])  # tokens P can sample (P(x) > 0), as for any on-policy estimator
+    a, b, tokens = dtype_extremes(dtype)
+    a, b = a.requires_grad_(), b.requires_grad_()
     stats = shardkl.kl_stats(a, b, tokens)
     for name, value in stats._asdict().items():
         assert not torch.isnan(value).any(), name

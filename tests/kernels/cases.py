@@ -23,6 +23,20 @@ def case(shape: tuple[int, int], dtype: torch.dtype, seed: int = 0) -> tuple[tor
     return a.to(dtype), b.to(dtype), tokens
 
 
+def dtype_extremes(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(a, b, tokens)``: ``[5, 50]`` logits in ``dtype`` with rows at the dtype's limits, and tokens P can sample."""
+    info = torch.finfo(dtype)
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(5, 50, generator=g) * 3
+    b = torch.randn(5, 50, generator=g) * 3
+    a[0, :10], b[0, -10:] = info.max, info.max  # P and Q concentrated on disjoint extreme columns
+    a[1], b[1] = info.max, info.min  # uniform P, Q uniform too (all columns at the same extreme)
+    a[2, ::2], b[2] = info.min, info.max
+    a[3, 7], b[3, 7] = info.max, info.max
+    tokens = torch.tensor([0, 1, 1, 7, 4])  # tokens P can sample (P(x) > 0), as for any on-policy estimator
+    return a.to(dtype), b.to(dtype), tokens
+
+
 def edge_rows(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows 2.. of a copy: all -inf, a NaN, a +inf, Q = 0 where P > 0, Q without mass, P without mass."""
     a, b = a.clone(), b.clone()

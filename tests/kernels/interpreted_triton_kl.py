@@ -19,6 +19,7 @@ from tests.kernels.cases import (
     case,
     check_edge_rows,
     check_public_api_against_eager,
+    dtype_extremes,
     edge_rows,
     saved,
     tiny_kl_inputs,
@@ -137,16 +138,7 @@ def test_chain_rule_merge_through_the_public_api(monkeypatch) -> None:
 def test_dtype_extremes_give_no_nan_and_no_negative_kl(monkeypatch, dtype) -> None:
     """tests/test_validation.py's extremes through the Triton kernels, several tiles per row."""
     monkeypatch.setattr(triton_kl, "DEFAULT_BLOCK", 16)
-    info = torch.finfo(dtype)
-    g = torch.Generator().manual_seed(2)
-    a = torch.randn(5, 50, generator=g) * 3
-    b = torch.randn(5, 50, generator=g) * 3
-    a[0, :10], b[0, -10:] = info.max, info.max  # P and Q concentrated on disjoint extreme columns
-    a[1], b[1] = info.max, info.min  # uniform P, Q uniform too (all columns at the same extreme)
-    a[2, ::2], b[2] = info.min, info.max
-    a[3, 7], b[3, 7] = info.max, info.max
-    a, b = a.to(dtype), b.to(dtype)
-    tokens = torch.tensor([0, 1, 1, 7, 4])  # tokens P can sample (P(x) > 0), as for any on-policy estimator
+    a, b, tokens = dtype_extremes(dtype)
     results = {}
     for impl in ("triton", "eager"):
         x, y = a.clone().requires_grad_(), b.clone().requires_grad_()

@@ -15,14 +15,7 @@ F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _built() -> None:
-    # in a fixture, not at import: building imports torch._inductor, which imports triton, which must not be
-    # imported before tests/kernels/test_triton_kl.py is collected (it sets up Triton's interpreter)
-    try:
-        cpu.build(F32)
-    except Exception as exc:  # no C++ compiler here: the fallback tests cover that path
-        pytest.skip(f"the C++ CPU kernels cannot be built here: {exc}")
+pytestmark = pytest.mark.usefixtures("cpu_built")
 
 
 @pytest.mark.parametrize(

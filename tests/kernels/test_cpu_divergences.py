@@ -21,13 +21,7 @@ F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float1
 NEG_INF = float("-inf")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _built() -> None:
-    # in a fixture, not at import: see tests/kernels/test_cpu.py
-    try:
-        cpu.build(F32)
-    except Exception as exc:  # no C++ compiler here: the fallback tests cover that path
-        pytest.skip(f"the C++ CPU kernels cannot be built here: {exc}")
+pytestmark = pytest.mark.usefixtures("cpu_built")
 
 
 @pytest.fixture
