@@ -80,3 +80,18 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, to
     """``(ids, logprobs)`` of the teacher's k most likely ids, the log-probs under its full distribution."""
     logprobs, ids = F.log_softmax(teacher_logits.double(), -1).topk(k, dim=-1)
     return ids, logprobs
+
+
+def far_apart_and_padded(a: torch.Tensor, b: torch.Tensor, pad: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of ``[4, V]`` logits whose rows stress the JSD, with a padded tail of ``pad`` ``-inf`` columns in both:
+    row 0 P and Q far apart (``|log P - log Q| ~ 200``: ``expm1`` of the short form would overflow), row 1 disjoint
+    ``-inf`` columns, row 2 a shared ``-inf`` run."""
+    a, b = a.clone(), b.clone()
+    a[0, :20] += 200.0
+    b[0, 20:] += 200.0
+    a[1, 3] = float("-inf")
+    b[1, 7] = float("-inf")
+    a[2, 5:9] = float("-inf")
+    b[2, 5:9] = float("-inf")
+    tail = torch.full((a.shape[0], pad), float("-inf"), dtype=a.dtype)
+    return torch.cat([a, tail], -1), torch.cat([b, tail], -1)

@@ -11,7 +11,13 @@ import torch.nn.functional as F
 
 import shardkl
 from shardkl import _sources
-from tests._distill_reference import bucket_reference, jsd_reference, teacher_topk, trl_generalized_jsd
+from tests._distill_reference import (
+    bucket_reference,
+    far_apart_and_padded,
+    jsd_reference,
+    teacher_topk,
+    trl_generalized_jsd,
+)
 
 BETAS = (0.0, 0.1, 0.5, 0.9, 1.0)
 
@@ -102,18 +108,8 @@ def test_jsd_identical_inputs_give_exact_zero_and_zero_gradient() -> None:
 
 
 def test_jsd_extreme_and_padded_logits_are_finite_and_exact(small_tiles) -> None:
-    a, b = _pair(shape=(4, 40), seed=6)
-    # P and Q far apart (|log P - log Q| ~ 200: expm1 of the short form would overflow), disjoint -inf columns,
-    # and a padded tail of -inf in both
-    a[0, :20] += 200.0
-    b[0, 20:] += 200.0
-    a[1, 3] = float("-inf")
-    b[1, 7] = float("-inf")
-    a[2, 5:9] = float("-inf")
-    b[2, 5:9] = float("-inf")
-    pad = torch.full((4, 8), float("-inf"), dtype=torch.float64)
-    x = torch.cat([a, pad], -1).requires_grad_()
-    y = torch.cat([b, pad], -1).requires_grad_()
+    a, b = far_apart_and_padded(*_pair(shape=(4, 40), seed=6))
+    x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
     for beta in (0.1, 0.5, 0.999):
         got = shardkl.jsd(x, y, beta=beta)
         want = jsd_reference(a, b, beta)

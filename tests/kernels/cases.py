@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 import shardkl
 from shardkl import _stats, kernels
+from shardkl.kernels import eager
 from tests.reference import reference
 
 
@@ -92,6 +96,32 @@ def saved(
         grad_logq=None if b is None else grad("q"),
         token_cols=token_cols if "t" in present else None,
     )
+
+
+def check_kl_grads_against_eager(
+    kl_grads: Callable[..., None],
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    temperature: float,
+    present: str,
+    two_inputs: bool,
+    **options: Any,
+) -> None:
+    """An implementation's ``kl_grads`` (``options``: its own keywords, e.g. a tile size) against the eager one on the
+    same backward inputs (:func:`saved`)."""
+    a, b, tokens = case(shape, dtype)
+    bb = b if two_inputs else None
+    inputs = saved(a, bb, tokens, temperature, present)
+    f32 = torch.float32
+    got_a, got_b = torch.empty_like(a), torch.empty_like(b)
+    kl_grads(a, bb, temperature=temperature, dtype=f32, inputs=inputs, grad_a=got_a,
+             grad_b=got_b if two_inputs else None, **options)
+    want_a, want_b = torch.empty_like(a), torch.empty_like(b)
+    eager.kl_grads(a, bb, temperature=temperature, dtype=f32, inputs=inputs, grad_a=want_a, grad_b=want_b)
+    tol = 1e-5 if dtype == f32 else 1e-2
+    torch.testing.assert_close(got_a, want_a, rtol=tol, atol=tol * 0.02)
+    if two_inputs:
+        torch.testing.assert_close(got_b, want_b, rtol=tol, atol=tol * 0.02)
 
 
 def tiny_kl_inputs(eps: float, *, tokens: int = 64, vocab: int = 152_064, seed: int = 0) -> tuple[torch.Tensor, ...]:

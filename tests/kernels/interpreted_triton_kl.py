@@ -18,10 +18,10 @@ from tests.kernels.cases import (
     TINY_KL_BOUNDS,
     case,
     check_edge_rows,
+    check_kl_grads_against_eager,
     check_public_api_against_eager,
     dtype_extremes,
     edge_rows,
-    saved,
     tiny_kl_inputs,
 )
 from tests.reference import reference
@@ -224,18 +224,7 @@ def test_strided_views_and_fp64_fallback() -> None:
     ],
 )
 def test_grads_match_eager(shape, dtype, temperature, block, present, two_inputs) -> None:
-    a, b, tokens = case(shape, dtype)
-    bb = b if two_inputs else None
-    inputs = saved(a, bb, tokens, temperature, present)
-    got_a, got_b = torch.empty_like(a), torch.empty_like(b)
-    triton_kl.kl_grads(a, bb, temperature=temperature, dtype=F32, inputs=inputs, grad_a=got_a,
-                    grad_b=got_b if two_inputs else None, block=block)
-    want_a, want_b = torch.empty_like(a), torch.empty_like(b)
-    eager.kl_grads(a, bb, temperature=temperature, dtype=F32, inputs=inputs, grad_a=want_a, grad_b=want_b)
-    tol = 1e-5 if dtype == F32 else 1e-2
-    torch.testing.assert_close(got_a, want_a, rtol=tol, atol=tol * 0.02)
-    if two_inputs:
-        torch.testing.assert_close(got_b, want_b, rtol=tol, atol=tol * 0.02)
+    check_kl_grads_against_eager(triton_kl.kl_grads, shape, dtype, temperature, present, two_inputs, block=block)
 
 
 @pytest.mark.parametrize(("shape", "dtype", "temperature"), [((6, 300), F32, 0.7), ((3, 1271), torch.bfloat16, 1.0)])

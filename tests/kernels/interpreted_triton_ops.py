@@ -19,7 +19,7 @@ import torch
 import shardkl
 from shardkl import _sources, _stats
 from shardkl.kernels import eager
-from tests._distill_reference import bucket_reference, jsd_reference, teacher_topk
+from tests._distill_reference import bucket_reference, far_apart_and_padded, jsd_reference, teacher_topk
 from tests.kernels.cases import case, edge_rows
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -123,16 +123,7 @@ def test_jsd_of_far_apart_and_disjoint_distributions_is_finite_and_exact(monkeyp
     monkeypatch.setattr(triton_kl, "DEFAULT_BLOCK", 16)
     g = torch.Generator().manual_seed(6)
     a = torch.randn(4, 40, generator=g) * 2
-    b = a + 0.7 * torch.randn(4, 40, generator=g)
-    # |log P - log Q| ~ 200 (expm1 of the short form would overflow), disjoint -inf columns, a padded -inf tail
-    a[0, :20] += 200.0
-    b[0, 20:] += 200.0
-    a[1, 3] = float("-inf")
-    b[1, 7] = float("-inf")
-    a[2, 5:9] = float("-inf")
-    b[2, 5:9] = float("-inf")
-    pad = torch.full((4, 8), float("-inf"))
-    a, b = torch.cat([a, pad], -1), torch.cat([b, pad], -1)
+    a, b = far_apart_and_padded(a, a + 0.7 * torch.randn(4, 40, generator=g))
     for beta in (0.1, 0.5, 0.999):
         x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
         got = shardkl.jsd(x, y, beta=beta, options=TRITON)

@@ -8,7 +8,14 @@ import torch
 import shardkl
 from shardkl import _stats
 from shardkl.kernels import cpu, eager
-from tests.kernels.cases import case, check_edge_rows, check_public_api_against_eager, edge_rows, saved
+from tests.kernels.cases import (
+    case,
+    check_edge_rows,
+    check_kl_grads_against_eager,
+    check_public_api_against_eager,
+    edge_rows,
+    saved,
+)
 from tests.reference import reference
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -81,18 +88,7 @@ def test_float64_compute_is_rejected() -> None:
     ],
 )
 def test_grads_match_eager(shape, dtype, temperature, present, two_inputs) -> None:
-    a, b, tokens = case(shape, dtype)
-    bb = b if two_inputs else None
-    inputs = saved(a, bb, tokens, temperature, present)
-    got_a, got_b = torch.empty_like(a), torch.empty_like(b)
-    cpu.kl_grads(a, bb, temperature=temperature, dtype=F32, inputs=inputs, grad_a=got_a,
-              grad_b=got_b if two_inputs else None)
-    want_a, want_b = torch.empty_like(a), torch.empty_like(b)
-    eager.kl_grads(a, bb, temperature=temperature, dtype=F32, inputs=inputs, grad_a=want_a, grad_b=want_b)
-    tol = 1e-5 if dtype == F32 else 1e-2
-    torch.testing.assert_close(got_a, want_a, rtol=tol, atol=tol * 0.02)
-    if two_inputs:
-        torch.testing.assert_close(got_b, want_b, rtol=tol, atol=tol * 0.02)
+    check_kl_grads_against_eager(cpu.kl_grads, shape, dtype, temperature, present, two_inputs)
 
 
 def test_grads_of_padded_and_underflowing_columns_are_zero_and_finite() -> None:
